@@ -1,0 +1,3 @@
+from lightning_incremental.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,24 @@
+"""Shared machinery every method uses (DESIGN.md §3–§4): write it here once, never in a method."""
+
+from lightning_incremental.core.batch import (
+    batch_size_of,
+    concat_batches,
+    index_batch,
+    split_batch,
+    split_inputs,
+    task_labels_of,
+)
+from lightning_incremental.core.callback import ContinualCallback, add_to_loss
+from lightning_incremental.core.logits import LogitsCapture
+
+__all__ = [
+    "ContinualCallback",
+    "LogitsCapture",
+    "add_to_loss",
+    "batch_size_of",
+    "concat_batches",
+    "index_batch",
+    "split_batch",
+    "split_inputs",
+    "task_labels_of",
+]

@@ -1,0 +1,25 @@
+"""Task streams (scenarios) and the bundled data they are built from."""
+
+from lightning_incremental.scenarios.datasets import digits_stream, load_digits, synthetic_stream
+from lightning_incremental.scenarios.stream import (
+    LabeledTensorDataset,
+    Task,
+    TaskDataset,
+    TaskStream,
+    permute_inputs,
+    split_classes,
+    targets_of,
+)
+
+__all__ = [
+    "LabeledTensorDataset",
+    "Task",
+    "TaskDataset",
+    "TaskStream",
+    "digits_stream",
+    "load_digits",
+    "permute_inputs",
+    "split_classes",
+    "synthetic_stream",
+    "targets_of",
+]

@@ -1,0 +1,96 @@
+"""Data that ships with the installed packages: nothing here downloads anything."""
+
+from typing import Literal
+
+import torch
+
+from lightning_incremental.scenarios.stream import (
+    LabeledTensorDataset,
+    TaskStream,
+    permute_inputs,
+    split_classes,
+)
+
+
+def load_digits(test_size: float = 0.2, random_state: int = 0) -> tuple[LabeledTensorDataset, LabeledTensorDataset]:
+    """scikit-learn's bundled 8x8 digits: a stratified train/test split, pixels / 16, flattened to 64 features.
+
+    With the defaults this is the split of the reference protocol (DESIGN.md §6): 1437 train, 360 test.
+
+    >>> train, test = load_digits()
+    >>> len(train), len(test), tuple(train[0][0].shape), float(train.inputs.max())
+    (1437, 360, (64,), 1.0)
+    """
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = sklearn_digits()
+    x_train, x_test, y_train, y_test = train_test_split(
+        digits.data, digits.target, test_size=test_size, stratify=digits.target, random_state=random_state
+    )
+
+    def as_dataset(x, y) -> LabeledTensorDataset:
+        return LabeledTensorDataset(torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y))
+
+    return as_dataset(x_train, y_train), as_dataset(x_test, y_test)
+
+
+def digits_stream(
+    scenario: Literal["split", "permuted"] = "split",
+    n_tasks: int = 5,
+    seed: int = 0,
+    task_labels: bool = False,
+) -> TaskStream:
+    """The reference streams of DESIGN.md §6 on the bundled digits.
+
+    ``"split"``: classes (0, 1), (2, 3), … one pair per task (class-incremental, or task-incremental with
+    ``task_labels=True``). ``"permuted"``: all ten classes, task 0 unpermuted, tasks 1… a fixed random pixel
+    permutation each (domain-incremental).
+
+    >>> [task.classes for task in digits_stream("split")][:2]
+    [(0, 1), (2, 3)]
+    """
+    train, test = load_digits()
+    if scenario == "split":
+        return split_classes(train, test, n_tasks=n_tasks, seed=seed, task_labels=task_labels)
+    if scenario == "permuted":
+        return permute_inputs(train, test, n_tasks=n_tasks, seed=seed)
+    raise ValueError(f"`scenario` must be 'split' or 'permuted', got {scenario!r}.")
+
+
+def synthetic_stream(
+    scenario: Literal["split", "permuted"] = "split",
+    n_tasks: int = 3,
+    classes_per_task: int = 2,
+    n_features: int = 16,
+    train_per_class: int = 48,
+    test_per_class: int = 32,
+    noise: float = 0.6,
+    seed: int = 0,
+    task_labels: bool = False,
+) -> TaskStream:
+    """A small stream of Gaussian clusters, one per class, for fast tests and examples.
+
+    ``"split"`` has ``n_tasks * classes_per_task`` classes; ``"permuted"`` has ``classes_per_task`` classes
+    and permutes the features per task.
+
+    >>> stream = synthetic_stream(n_tasks=3, classes_per_task=2)
+    >>> len(stream), stream.num_classes, len(stream[0].train), len(stream[0].test)
+    (3, 6, 96, 64)
+    """
+    n_classes = n_tasks * classes_per_task if scenario == "split" else classes_per_task
+    generator = torch.Generator().manual_seed(seed)
+    centers = torch.randn(n_classes, n_features, generator=generator) * 1.5
+
+    def sample(per_class: int) -> LabeledTensorDataset:
+        labels = torch.arange(n_classes).repeat_interleave(per_class)
+        labels = labels[torch.randperm(len(labels), generator=generator)]  # no class-sorted batches
+        inputs = centers[labels] + noise * torch.randn(len(labels), n_features, generator=generator)
+        return LabeledTensorDataset(inputs, labels)
+
+    train, test = sample(train_per_class), sample(test_per_class)
+    if scenario == "split":
+        return split_classes(train, test, n_tasks=n_tasks, task_labels=task_labels)
+    if scenario == "permuted":
+        return permute_inputs(train, test, n_tasks=n_tasks, seed=seed)
+    raise ValueError(f"`scenario` must be 'split' or 'permuted', got {scenario!r}.")

@@ -1,0 +1,109 @@
+"""What the tests share: quiet Trainers, the tiny model, batch styles and the run of a method over a stream."""
+
+import os
+import socket
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch import Callback
+from torch.utils.data import DataLoader
+from torch.utils.data._utils.collate import default_collate
+
+from lightning_incremental import ContinualEvaluation, MLPClassifier
+from lightning_incremental.methods import MethodSpec
+from lightning_incremental.scenarios import Task, TaskStream
+
+QUIET: dict[str, Any] = {
+    "accelerator": "cpu",
+    "logger": False,
+    "enable_progress_bar": False,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+    "deterministic": True,
+}
+
+COLLATE: dict[str, Callable] = {
+    "list": default_collate,  # torch collates (x, y) items into [x, y]
+    "tuple": lambda items: tuple(default_collate(items)),
+    "dict": lambda items: dict(zip(("x", "y"), default_collate(items), strict=False)),
+}
+
+
+def tiny_model(stream: TaskStream, seed: int = 0) -> MLPClassifier:
+    L.seed_everything(seed, verbose=False)
+    n_features = stream[0].train[0][0].numel()
+    return MLPClassifier(n_features, stream.num_classes, hidden=(32,), lr=1e-2)
+
+
+def train_loader(task: Task, style: str = "list", batch_size: int = 8) -> DataLoader:
+    return DataLoader(task.train, batch_size=batch_size, shuffle=False, collate_fn=COLLATE[style])
+
+
+def trainer(epochs: int = 2, callbacks: Sequence[Callback] = (), **kwargs: Any) -> L.Trainer:
+    return L.Trainer(max_epochs=epochs, callbacks=list(callbacks), **{**QUIET, **kwargs})
+
+
+class RunResult:
+    def __init__(self, model: MLPClassifier, evaluation: ContinualEvaluation, methods: list[Callback]) -> None:
+        self.model, self.evaluation, self.methods = model, evaluation, methods
+
+    @property
+    def matrix(self) -> list[list[float]]:
+        return self.evaluation.matrix
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+
+def stream_for(spec: MethodSpec, stream: TaskStream) -> TaskStream:
+    return stream.cumulative() if spec.cumulative else stream
+
+
+def run_method(
+    spec: MethodSpec, stream: TaskStream, epochs: int = 2, style: str = "list", **trainer_kwargs: Any
+) -> RunResult:
+    """Train a fresh tiny model with fresh callbacks of ``spec`` over every task of ``stream``."""
+    model = tiny_model(stream)
+    methods = spec.build(stream)
+    evaluation = ContinualEvaluation(stream)
+    for task in stream_for(spec, stream):
+        trainer(epochs, [*methods, evaluation], **trainer_kwargs).fit(model, train_loader(task, style))
+    return RunResult(model, evaluation, methods)
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=f"weights differ at {name}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_like_torchrun(worker: Callable[[int, Path], None], out_dir: Path, nprocs: int = 2) -> None:
+    """Run ``worker(rank, out_dir)`` in ``nprocs`` forked processes set up as torchrun would.
+
+    Every process lives through the whole task loop (DESIGN.md §4, the production path); a Trainer with
+    ``strategy="ddp"`` in them joins the process group instead of launching processes.
+    """
+    port = free_port()
+
+    def entry(rank: int) -> None:
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            WORLD_SIZE=str(nprocs),
+            NODE_RANK="0",
+            LOCAL_RANK=str(rank),
+            RANK=str(rank),
+        )
+        torch.set_num_threads(1)
+        worker(rank, out_dir)
+
+    torch.multiprocessing.start_processes(entry, nprocs=nprocs, start_method="fork")

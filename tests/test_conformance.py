@@ -1,0 +1,128 @@
+"""The conformance suite: every registered method, on a 3-task stream with a tiny model, must
+
+- learn (the last task's accuracy far above chance) and keep a checkpoint-safe state;
+- run under bf16-mixed and with gradient accumulation;
+- run with 2 DDP processes, every rank ending with the same weights and the same method state;
+- see tuple, list and dict batches as the same data (the same final weights for all three);
+- resume from a checkpoint saved mid-way through the second task, in a new Trainer with new callback
+  instances, and end with the weights and the accuracy matrix of the run that was never interrupted.
+
+A method joins by adding its ``MethodSpec`` to the registry: nothing here names a method.
+"""
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from harness import (
+    assert_same_weights,
+    run_like_torchrun,
+    run_method,
+    stream_for,
+    tiny_model,
+    train_loader,
+    trainer,
+)
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_incremental import ContinualEvaluation
+from lightning_incremental.methods import registry
+
+METHODS = list(registry().values())
+LEARNT = 0.6  # "far above chance": the split stream has 6 classes, chance is 0.17
+
+
+@pytest.fixture(params=METHODS, ids=[spec.name for spec in METHODS])
+def spec(request):
+    return request.param
+
+
+def test_learns_each_task_and_keeps_a_safe_state(spec, split_stream):
+    run = run_method(spec, split_stream)
+    assert len(run.matrix) == 3
+    diagonal = [run.matrix[t][t] for t in range(3)]
+    assert min(diagonal) >= LEARNT, f"each task should be learnt right after training it: {diagonal}"
+    assert all(0.0 <= acc <= 1.0 for row in run.matrix for acc in row)
+    for callback in [*run.methods, run.evaluation]:
+        buffer = io.BytesIO()
+        torch.save(callback.state_dict(), buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)  # raises on anything but tensors, numbers, lists and dicts
+
+
+@pytest.mark.parametrize(
+    "trainer_kwargs",
+    [{"precision": "bf16-mixed"}, {"accumulate_grad_batches": 2}],
+    ids=["bf16-mixed", "accumulate-2"],
+)
+def test_precision_and_accumulation(spec, split_stream, trainer_kwargs):
+    run = run_method(spec, split_stream, **trainer_kwargs)
+    assert run.matrix[-1][-1] >= LEARNT
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
+
+
+def test_batch_structures_give_the_same_training(spec, split_stream):
+    runs = {style: run_method(spec, split_stream, style=style) for style in ("list", "tuple", "dict")}
+    for style in ("tuple", "dict"):
+        assert_same_weights(runs["list"].weights(), runs[style].weights(), atol=1e-5)
+        torch.testing.assert_close(runs[style].matrix, runs["list"].matrix, atol=1e-6, rtol=0)
+
+
+def test_ddp_two_processes_agree(spec, split_stream, tmp_path):
+    def worker(rank: int, out_dir: Path) -> None:
+        model = tiny_model(split_stream)
+        methods = spec.build(split_stream)
+        evaluation = ContinualEvaluation(split_stream)
+        for task in stream_for(spec, split_stream):
+            fit = trainer(2, [*methods, evaluation], strategy="ddp", devices=2)
+            fit.fit(model, train_loader(task))
+        torch.save(
+            {
+                "weights": model.state_dict(),
+                "matrix": evaluation.matrix,
+                "methods": [callback.state_dict() for callback in methods],
+            },
+            out_dir / f"rank{rank}.pt",
+        )
+
+    run_like_torchrun(worker, tmp_path)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert_same_weights(rank0["weights"], rank1["weights"], atol=0)
+    assert rank0["matrix"] == rank1["matrix"]
+    assert rank0["matrix"][-1][-1] >= LEARNT
+    torch.testing.assert_close(rank0["methods"], rank1["methods"], atol=0, rtol=0)
+
+
+class _Crash(Callback):
+    """Stops the fit with an exception at the start of the given epoch, as a killed job would."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise KeyError("simulated crash")
+
+
+def test_resume_mid_task_matches_the_uninterrupted_run(spec, split_stream, tmp_path):
+    uninterrupted = run_method(spec, split_stream)
+    tasks = list(stream_for(spec, split_stream))
+
+    model = tiny_model(split_stream)
+    methods, evaluation = spec.build(split_stream), ContinualEvaluation(split_stream)
+    trainer(2, [*methods, evaluation]).fit(model, train_loader(tasks[0]))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, save_on_train_epoch_end=True)
+    crashing = trainer(2, [*methods, evaluation, checkpoint, _Crash(epoch=1)], enable_checkpointing=True)
+    with pytest.raises(KeyError, match="simulated crash"):
+        crashing.fit(model, train_loader(tasks[1]))
+
+    # a new process: a new model object, new callback instances, everything else from the checkpoint
+    model = tiny_model(split_stream, seed=123)
+    methods, evaluation = spec.build(split_stream), ContinualEvaluation(split_stream)
+    trainer(2, [*methods, evaluation]).fit(model, train_loader(tasks[1]), ckpt_path=tmp_path / "epoch=0.ckpt")
+    trainer(2, [*methods, evaluation]).fit(model, train_loader(tasks[2]))
+
+    assert_same_weights(uninterrupted.weights(), {k: v.detach() for k, v in model.state_dict().items()})
+    assert evaluation.matrix == uninterrupted.matrix
