@@ -10,6 +10,7 @@ from lightning_incremental.core.batch import (
 )
 from lightning_incremental.core.callback import ContinualCallback, add_to_loss
 from lightning_incremental.core.logits import LogitsCapture
+from lightning_incremental.core.modules import frozen_copy
 
 __all__ = [
     "ContinualCallback",
@@ -17,6 +18,7 @@ __all__ = [
     "add_to_loss",
     "batch_size_of",
     "concat_batches",
+    "frozen_copy",
     "index_batch",
     "split_batch",
     "split_inputs",

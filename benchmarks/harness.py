@@ -1,0 +1,138 @@
+"""Timing machinery shared by the benchmark scripts: step time of a method over naive fine-tuning.
+
+Every measurement trains a fresh model on a short first task (so that methods have something to
+consolidate: an anchor, an old model, a filled buffer) and times the optimizer steps of the second task
+with a callback: the time from ``on_train_batch_start`` to ``on_train_batch_end`` (forward, backward, the
+methods' hooks, the optimizer step), after a warm-up. Configurations are measured interleaved, ``repeats``
+times, and the median is reported, so that the ratio against naive fine-tuning comes from the same run
+under the same machine load.
+"""
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from lightning.pytorch import Callback, LightningModule
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_incremental.models import MLPClassifier
+
+QUIET = {
+    "accelerator": "cpu",
+    "logger": False,
+    "enable_progress_bar": False,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+}
+
+
+class StepTimer(Callback):
+    """Wall time of every training step after ``warmup`` steps."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.durations: list[float] = []
+        self._started = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx >= self.warmup:
+            self.durations.append(time.perf_counter() - self._started)
+
+
+@dataclass
+class Workload:
+    """A model and two tasks of random data of the given input shape."""
+
+    name: str
+    build_model: Callable[[], LightningModule]
+    input_shape: tuple[int, ...]
+    num_classes: int = 10
+    batch_size: int = 128
+
+    def loader(self, task: int, n_batches: int, batch_size: int | None = None) -> DataLoader:
+        batch_size = batch_size or self.batch_size
+        generator = torch.Generator().manual_seed(task)
+        n = n_batches * batch_size
+        inputs = torch.randn(n, *self.input_shape, generator=generator)
+        labels = torch.randint(0, self.num_classes, (n,), generator=generator)
+        return DataLoader(TensorDataset(inputs, labels), batch_size=batch_size, shuffle=False)
+
+
+class SmallCNN(MLPClassifier):
+    """Two conv blocks and a linear head on 1x28x28 inputs."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(in_features=1, num_classes=num_classes, hidden=())
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 7 * 7, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+MLP = Workload("MLP 784-1000-1000-10, batch 128", lambda: MLPClassifier(784, 10, hidden=(1000, 1000)), (784,))
+CNN = Workload("small CNN on 1x28x28, batch 128", SmallCNN, (1, 28, 28))
+
+
+def time_steps(
+    workload: Workload,
+    build_callbacks: Callable[[], list[Callback]],
+    steps: int = 40,
+    warmup: int = 5,
+    first_task_steps: int = 10,
+    batch_size: int | None = None,
+) -> float:
+    """Median seconds per training step on the second task, with the callbacks ``build_callbacks()``."""
+    L.seed_everything(0, verbose=False)
+    model, callbacks = workload.build_model(), build_callbacks()
+    L.Trainer(max_epochs=1, callbacks=callbacks, **QUIET).fit(model, workload.loader(0, first_task_steps))
+    timer = StepTimer(warmup)
+    L.Trainer(max_epochs=1, callbacks=[*callbacks, timer], **QUIET).fit(
+        model, workload.loader(1, steps + warmup, batch_size)
+    )
+    return statistics.median(timer.durations)
+
+
+def compare(
+    workload: Workload,
+    configurations: dict[str, Callable[[], list[Callback]]],
+    repeats: int = 5,
+    **kwargs: object,
+) -> dict[str, float]:
+    """Median step time of every configuration, measured interleaved ``repeats`` times.
+
+    ``configurations`` must hold ``"naive"`` (``lambda: []``), the reference of the ratios.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in configurations}
+    for _ in range(repeats):
+        for name, build in configurations.items():
+            samples[name].append(time_steps(workload, build, **kwargs))  # type: ignore[arg-type]
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def print_ratios(title: str, medians: dict[str, float], reference: str = "naive") -> None:
+    """Print seconds per step and the ratio over the reference, one line per configuration."""
+    print(f"\n{title}")
+    print(f"{'configuration':<28} {'ms/step':>9} {'ratio':>7}")
+    for name, seconds in medians.items():
+        print(f"{name:<28} {seconds * 1e3:>9.2f} {seconds / medians[reference]:>7.3f}")
+
+
+def setup_threads() -> None:
+    """One thread per process makes the timings repeatable on a shared 2-core machine."""
+    torch.set_num_threads(1)
