@@ -197,3 +197,15 @@ def test_state_survives_deepcopy_free_of_the_wrapper(split_stream):
     clone = copy.deepcopy(model)
     assert "training_step" not in clone.__dict__
     assert QUIET["logger"] is False
+
+
+def test_a_reused_trainer_with_raised_max_epochs_runs_the_next_task(split_stream):
+    from lightning_incremental import ContinualEvaluation
+
+    model, recorder, evaluation = tiny_model(split_stream), Recorder(), ContinualEvaluation(split_stream)
+    fit = trainer(1, [recorder, evaluation])
+    for task in split_stream:
+        fit.fit(model, train_loader(task))
+        fit.fit_loop.max_epochs += 1
+    assert recorder.starts == [0, 1, 2] and recorder.ends == [0, 1, 2]
+    assert len(evaluation.matrix) == 3 and evaluation.matrix[2][2] >= 0.6
