@@ -1,10 +1,13 @@
-"""``fit_tasks``: the task loop of DESIGN.md §1 in one call."""
+"""``fit_tasks``: the task loop of DESIGN.md §1 in one call; ``load_task_checkpoint``: resume between tasks."""
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from lightning_incremental.core.callback import ContinualCallback, assign_state_keys
 from lightning_incremental.evaluation import ContinualEvaluation, ContinualResult
 from lightning_incremental.scenarios.stream import TaskStream
 
@@ -50,3 +53,42 @@ def fit_tasks(
         loader = task.train_dataloader(batch_size=batch_size, shuffle=shuffle, **(dataloader_kwargs or {}))
         trainer.fit(model, loader)
     return evaluation.result()
+
+
+def load_task_checkpoint(checkpoint_path: str | Path, model: LightningModule, callbacks: Sequence[Callback]) -> None:
+    """Load the model weights and every callback's state from a checkpoint saved between two tasks.
+
+    ``trainer.fit(..., ckpt_path=...)`` resumes a task: it also restores the loop's epoch counter, so a
+    checkpoint saved at the end of a task would train nothing. To start the next task from it in a new
+    process, build the same model and callback list, call this, then fit the next task as usual.
+
+    Example::
+
+        >>> import lightning as L, tempfile, os
+        >>> from lightning_incremental.models import MLPClassifier
+        >>> from lightning_incremental.scenarios import synthetic_stream
+        >>> stream = synthetic_stream(n_tasks=2)
+        >>> evaluation, model = ContinualEvaluation(stream), MLPClassifier(16, 4, hidden=(8,))
+        >>> trainer = L.Trainer(max_epochs=1, callbacks=[evaluation], logger=False, enable_progress_bar=False,
+        ...                     enable_checkpointing=False, enable_model_summary=False)
+        >>> trainer.fit(model, stream[0].train_dataloader())
+        >>> path = os.path.join(tempfile.mkdtemp(), "after_task_0.ckpt")
+        >>> trainer.save_checkpoint(path)
+        >>> restored = ContinualEvaluation(stream)
+        >>> load_task_checkpoint(path, MLPClassifier(16, 4, hidden=(8,)), [restored])
+        >>> restored.matrix == evaluation.matrix, restored.tasks_completed
+        (True, 1)
+    """
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    model.load_state_dict(checkpoint["state_dict"])
+    callbacks = list(callbacks)
+    assign_state_keys(callbacks)
+    states = checkpoint.get("callbacks", {})
+    for callback in callbacks:
+        if callback.state_key in states:
+            callback.load_state_dict(states[callback.state_key])
+        elif isinstance(callback, ContinualCallback):
+            raise KeyError(
+                f"The checkpoint holds no state for {callback.state_key!r} (it has {sorted(states)}). Build the "
+                "same callbacks, in the same order, as the run that saved it."
+            )

@@ -5,7 +5,8 @@
 - run with 2 DDP processes, every rank ending with the same weights and the same method state;
 - see tuple, list and dict batches as the same data (the same final weights for all three);
 - resume from a checkpoint saved mid-way through the second task, in a new Trainer with new callback
-  instances, and end with the weights and the accuracy matrix of the run that was never interrupted.
+  instances, and end with the weights and the accuracy matrix of the run that was never interrupted;
+- the same from a checkpoint saved between the second and third task (``load_task_checkpoint``).
 
 A method joins by adding its ``MethodSpec`` to the registry: nothing here names a method.
 """
@@ -27,7 +28,7 @@ from harness import (
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_incremental import ContinualEvaluation
+from lightning_incremental import ContinualEvaluation, load_task_checkpoint
 from lightning_incremental.methods import registry
 
 METHODS = list(registry().values())
@@ -122,6 +123,26 @@ def test_resume_mid_task_matches_the_uninterrupted_run(spec, split_stream, tmp_p
     model = tiny_model(split_stream, seed=123)
     methods, evaluation = spec.build(split_stream), ContinualEvaluation(split_stream)
     trainer(2, [*methods, evaluation]).fit(model, train_loader(tasks[1]), ckpt_path=tmp_path / "epoch=0.ckpt")
+    trainer(2, [*methods, evaluation]).fit(model, train_loader(tasks[2]))
+
+    assert_same_weights(uninterrupted.weights(), {k: v.detach() for k, v in model.state_dict().items()})
+    assert evaluation.matrix == uninterrupted.matrix
+
+
+def test_resume_between_tasks_matches_the_uninterrupted_run(spec, split_stream, tmp_path):
+    uninterrupted = run_method(spec, split_stream)
+    tasks = list(stream_for(spec, split_stream))
+
+    model = tiny_model(split_stream)
+    methods, evaluation = spec.build(split_stream), ContinualEvaluation(split_stream)
+    for task in tasks[:2]:
+        fit = trainer(2, [*methods, evaluation])
+        fit.fit(model, train_loader(task))
+    fit.save_checkpoint(tmp_path / "after_task_1.ckpt")
+
+    model = tiny_model(split_stream, seed=123)
+    methods, evaluation = spec.build(split_stream), ContinualEvaluation(split_stream)
+    load_task_checkpoint(tmp_path / "after_task_1.ckpt", model, [*methods, evaluation])
     trainer(2, [*methods, evaluation]).fit(model, train_loader(tasks[2]))
 
     assert_same_weights(uninterrupted.weights(), {k: v.detach() for k, v in model.state_dict().items()})

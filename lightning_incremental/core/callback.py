@@ -101,9 +101,7 @@ class ContinualCallback(Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        same_type = [cb for cb in trainer.callbacks if type(cb) is type(self)]
-        position = next(i for i, cb in enumerate(same_type) if cb is self)
-        self._key_suffix = "" if position == 0 else f"#{position}"
+        assign_state_keys(trainer.callbacks)
         if stage == "fit" and self._overrides("wrap_training_step"):
             _StepChain.attach(pl_module, self, trainer)
 
@@ -167,6 +165,20 @@ class ContinualCallback(Callback):
             return {**collect(trainer), _CARRY_PREFIX + self._instance_id: carried}
 
         launcher.get_extra_results = get_extra_results  # type: ignore[method-assign]
+
+
+def assign_state_keys(callbacks: list[Callback]) -> None:
+    """Give every ContinualCallback its checkpoint key: its class name, ``#k`` for the k-th repeat of a class.
+
+    Keys follow the position in the callback list, so a new process that builds the same list finds its
+    state in a checkpoint.
+    """
+    seen: dict[type, int] = {}
+    for callback in callbacks:
+        if isinstance(callback, ContinualCallback):
+            position = seen.get(type(callback), 0)
+            seen[type(callback)] = position + 1
+            callback._key_suffix = "" if position == 0 else f"#{position}"
 
 
 class _CarriedState:
