@@ -48,11 +48,14 @@ class ContinualCallback(Callback):
     Attributes:
         tasks_completed: how many tasks (fits) this method has finished.
         current_task: the index of the task being trained, or of the last one.
+        task: the :class:`~lightning_incremental.scenarios.Task` behind the current fit's data (its
+            ``classes``, ``label``), or ``None`` when the data did not come from a stream.
     """
 
     def __init__(self) -> None:
         self.tasks_completed = 0
         self.current_task = 0
+        self.task: Any = None
         self._task_in_progress = False
         self._key_suffix: str | None = None
         self._micro_batches = 0
@@ -113,10 +116,10 @@ class ContinualCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._micro_batches = 0
+        self.task = _task_of(trainer)
         if self._task_in_progress:  # resumed in the middle of a task: the restored state is the task's
             return
-        task = _task_of(trainer)
-        self.current_task = task.index if task is not None else self.tasks_completed
+        self.current_task = self.task.index if self.task is not None else self.tasks_completed
         self._task_in_progress = True
         self.on_task_start(trainer, pl_module)
 
