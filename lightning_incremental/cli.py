@@ -92,30 +92,35 @@ class _TaskProgress(Callback):
 
 
 def run_method(
-    spec: MethodSpec, stream: TaskStream, args: argparse.Namespace, progress_callback: Callback
+    spec: MethodSpec,
+    stream: TaskStream,
+    epochs: int = 10,
+    batch_size: int = 32,
+    seed: int = 0,
+    trainer_kwargs: dict[str, Any] | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> tuple[ContinualResult, float]:
-    """Train a fresh reference model with ``spec`` over ``stream``; the result and the wall seconds."""
-    L.seed_everything(args.seed, verbose=False)
+    """Train a fresh reference model with ``spec`` over ``stream``: the result and the wall seconds.
+
+    The reference protocol of DESIGN.md §6: MLPClassifier (hidden 256-256, Adam 1e-3), seeded with ``seed``.
+    ``callbacks`` (progress, …) are added to every Trainer; ``trainer_kwargs`` go to every Trainer.
+    """
+    L.seed_everything(seed, verbose=False)
     n_features = stream[0].train[0][0].numel()
     model = MLPClassifier(n_features, stream.num_classes)
     evaluation = ContinualEvaluation(stream)
-    callbacks = [*spec.build(stream), progress_callback, evaluation]
-    logger = CSVLogger(args.output / "logs", name=f"{args.scenario}-{spec.name}")
+    all_callbacks = [*spec.build(stream), *callbacks, evaluation]
+    settings = {
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        **(trainer_kwargs or {}),
+    }
     started = time.perf_counter()
     for task in stream.cumulative() if spec.cumulative else stream:
-        trainer = L.Trainer(
-            max_epochs=args.epochs,
-            accelerator=args.accelerator,
-            devices=args.devices,
-            strategy=args.strategy,
-            precision=args.precision,
-            callbacks=callbacks,
-            logger=logger,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-        )
-        trainer.fit(model, task.train_dataloader(batch_size=args.batch_size, shuffle=True))
+        trainer = L.Trainer(max_epochs=epochs, callbacks=all_callbacks, **settings)
+        trainer.fit(model, task.train_dataloader(batch_size=batch_size, shuffle=True))
     return evaluation.result(), time.perf_counter() - started
 
 
@@ -188,7 +193,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     with Progress(*columns, console=console, transient=True) as progress:
         for spec in specs:
             bar = progress.add_task(f"{spec.name:<12}", total=len(stream))
-            results[spec.name] = run_method(spec, stream, args, _TaskProgress(progress, bar))
+            trainer_kwargs = {
+                "accelerator": args.accelerator,
+                "devices": args.devices,
+                "strategy": args.strategy,
+                "precision": args.precision,
+                "logger": CSVLogger(args.output / "logs", name=f"{args.scenario}-{spec.name}"),
+            }
+            results[spec.name] = run_method(
+                spec, stream, args.epochs, args.batch_size, args.seed, trainer_kwargs, [_TaskProgress(progress, bar)]
+            )
     console.print(results_table(args.scenario, results))
     write_results(args.output, args.scenario, config, results)
     console.print(f"results, logs and figures in {args.output}/")
