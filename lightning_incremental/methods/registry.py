@@ -33,9 +33,9 @@ class MethodSpec:
 
 
 def _families() -> list[list[MethodSpec]]:
-    from lightning_incremental.methods import baselines
+    from lightning_incremental.methods import baselines, regularization
 
-    return [baselines.METHODS]
+    return [baselines.METHODS, regularization.METHODS]
 
 
 def registry() -> dict[str, MethodSpec]:

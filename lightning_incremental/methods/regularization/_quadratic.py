@@ -1,0 +1,180 @@
+"""The quadratic penalty shared by EWC, online EWC, SI, MAS and L2Anchor.
+
+Every one of them penalises ``lambda / 2 * sum_i Omega_i (theta_i - theta*_i)^2`` and differs only in how it
+builds the importance ``Omega`` and the anchor ``theta*`` at a consolidation. The penalty enters training
+as its closed-form gradient ``lambda * Omega * (theta - theta*)``, added to ``p.grad`` before the
+optimizer step (DESIGN.md §3): no autograd graph, and with ``c = -lambda * Omega * theta*`` precomputed
+at consolidation it is two fused passes per step, ``grad += lambda*Omega * theta`` and ``grad += c``.
+"""
+
+import math
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_incremental.core.callback import ContinualCallback
+
+
+def validate_lambda(lambda_: float) -> float:
+    if not isinstance(lambda_, (int, float)) or not math.isfinite(lambda_) or lambda_ < 0:
+        raise ValueError(f"`lambda_` must be a finite number >= 0, got {lambda_!r}; 0 turns the penalty off.")
+    return float(lambda_)
+
+
+def pad_to(tensor: Tensor, shape: torch.Size) -> Tensor:
+    """Zero-pad ``tensor`` to the larger ``shape`` (a classifier that grew rows keeps the old ones in front)."""
+    if tensor.shape == shape:
+        return tensor
+    if tensor.ndim != len(shape) or any(old > new for old, new in zip(tensor.shape, shape, strict=True)):
+        raise ValueError(f"cannot pad a tensor of shape {tuple(tensor.shape)} to {tuple(shape)}")
+    padded = tensor.new_zeros(shape)
+    padded[tuple(slice(0, size) for size in tensor.shape)] = tensor
+    return padded
+
+
+class QuadraticPenalty(ContinualCallback):
+    """Base class: holds ``importance`` and ``anchor`` per parameter name and adds the penalty's gradient.
+
+    Subclasses implement :meth:`consolidate`, which updates ``self.importance`` and ``self.anchor`` (fp32,
+    on the parameters' device) from the model as it is now. The base calls it at every task end, and every
+    ``consolidate_every_n_steps`` optimizer steps when that is set (task-free use).
+
+    Args:
+        lambda_: the penalty strength.
+        consolidate_every_n_steps: also consolidate every N optimizer steps (task-free, online use).
+    """
+
+    def __init__(self, lambda_: float, consolidate_every_n_steps: int | None = None) -> None:
+        super().__init__()
+        self.lambda_ = validate_lambda(lambda_)
+        if consolidate_every_n_steps is not None and consolidate_every_n_steps < 1:
+            raise ValueError(
+                f"`consolidate_every_n_steps` must be a positive integer or None, got {consolidate_every_n_steps}."
+            )
+        self.consolidate_every_n_steps = consolidate_every_n_steps
+        self.importance: dict[str, Tensor] = {}
+        self.anchor: dict[str, Tensor] = {}
+        self._terms: dict[int, tuple[Tensor, Tensor]] = {}  # id(param) -> (lambda * Omega, -lambda * Omega * theta*)
+        self._steps = 0  # optimizer steps counted for `consolidate_every_n_steps`
+        self._last_global_step = 0
+
+    # ------------------------------------------------------------------ what a method implements
+    def consolidate(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Update ``self.importance`` and ``self.anchor`` from the current model."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ hooks
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self._last_global_step = trainer.global_step
+        self._build_terms(pl_module)
+
+    def on_task_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._consolidate(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if self.consolidate_every_n_steps is None or trainer.global_step == self._last_global_step:
+            return
+        self._last_global_step = trainer.global_step
+        self._steps += 1
+        if self._steps % self.consolidate_every_n_steps == 0:
+            self._consolidate(trainer, pl_module)
+
+    def add_gradient_terms(
+        self, trainer: Trainer, pl_module: LightningModule, params: list[Tensor], grads: list[Tensor], scale: float
+    ) -> None:
+        if not self._terms or self.lambda_ == 0:
+            return
+        selected = [(p, g, self._terms[id(p)]) for p, g in zip(params, grads, strict=True) if id(p) in self._terms]
+        if not selected:
+            return
+        thetas, grads_in, terms = zip(*selected, strict=True)
+        weights, offsets = [t[0] for t in terms], [t[1] for t in terms]
+        torch._foreach_addcmul_(grads_in, thetas, weights, value=scale)
+        torch._foreach_add_(grads_in, offsets, alpha=scale)
+        if trainer._logger_connector.should_update_logs:
+            self._log_penalty(pl_module, thetas, weights, offsets)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "importance": self.importance, "anchor": self.anchor, "steps": self._steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.importance = dict(state_dict["importance"])
+        self.anchor = dict(state_dict["anchor"])
+        self._steps = int(state_dict["steps"])
+        self._terms = {}
+
+    # ------------------------------------------------------------------ helpers
+    def _consolidate(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.consolidate(trainer, pl_module)
+        self._build_terms(pl_module)
+
+    def _build_terms(self, pl_module: LightningModule) -> None:
+        """Cache ``lambda * Omega`` and ``-lambda * Omega * theta*`` per live parameter, padded to grown shapes.
+
+        Parameters that did not exist at the last consolidation get no term (zero importance).
+        """
+        self._terms = {}
+        for name, param in pl_module.named_parameters():
+            if name not in self.importance:
+                continue
+            importance, anchor = self.importance[name], self.anchor[name]
+            if importance.shape != param.shape:
+                try:
+                    importance, anchor = pad_to(importance, param.shape), pad_to(anchor, param.shape)
+                except ValueError:
+                    rank_zero_warn(
+                        f"{type(self).__name__}: `{name}` shrank from {tuple(importance.shape)} to "
+                        f"{tuple(param.shape)} since the last consolidation; it is no longer penalised."
+                    )
+                    continue
+                self.importance[name], self.anchor[name] = importance, anchor
+            weight = (self.lambda_ * importance).to(device=param.device, dtype=param.dtype)
+            self._terms[id(param)] = (weight, -(weight * anchor.to(weight)))
+
+    def _log_penalty(
+        self, pl_module: LightningModule, thetas: tuple[Tensor, ...], weights: list[Tensor], offsets: list[Tensor]
+    ) -> None:
+        # lambda/2 * Omega (theta - theta*)^2 = 1/2 * theta * (w * theta + 2c) + const with w = lambda*Omega,
+        # c = -w*theta*; computed exactly as 1/2 * (w*theta + c) * (theta - theta*) = 1/2 * (w*theta + c)^2 / w.
+        with torch.no_grad():
+            residuals = torch._foreach_addcmul(offsets, thetas, weights)  # w * (theta - theta*)
+            penalty = sum(
+                (r.square() / w.clamp_min(1e-30)).masked_fill(w == 0, 0).sum()
+                for r, w in zip(residuals, weights, strict=True)
+            )
+        pl_module.log(f"cl/{self.state_key.lower()}_penalty", 0.5 * penalty, on_step=True, on_epoch=False)
+
+
+def named_trainable_parameters(pl_module: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters a consolidation covers: those that require grad."""
+    return {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
+
+
+def snapshot(params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
+    """An fp32 copy of the parameters' current values."""
+    return {name: p.detach().float().clone() for name, p in params.items()}
+
+
+def all_reduce_sums(trainer: Trainer, sums: dict[str, Tensor], count: int) -> tuple[dict[str, Tensor], int]:
+    """Sum per-rank importance sums and sample counts over DDP ranks, in one collective."""
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return sums, count
+    names = list(sums)
+    flat = torch.cat(
+        [sums[name].flatten() for name in names] + [torch.tensor([float(count)], device=sums[names[0]].device)]
+    )
+    torch.distributed.all_reduce(flat)
+    reduced, offset = {}, 0
+    for name in names:
+        size = sums[name].numel()
+        reduced[name] = flat[offset : offset + size].view_as(sums[name])
+        offset += size
+    return reduced, int(flat[-1].item())

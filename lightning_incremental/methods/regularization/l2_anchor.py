@@ -1,0 +1,43 @@
+"""Plain L2 regularization towards the previous task's weights."""
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+
+from lightning_incremental.methods.regularization._quadratic import (
+    QuadraticPenalty,
+    named_trainable_parameters,
+    snapshot,
+)
+
+
+class L2Anchor(QuadraticPenalty):
+    r"""Penalise the squared distance to the weights at the end of the previous task (``Omega = 1``).
+
+    The simplest regularizer and the baseline the importance-weighted ones (EWC, SI, MAS) improve on:
+    every parameter is held back equally. The gradient ``lambda * (theta - theta*)`` is added before every
+    optimizer step.
+
+    Args:
+        lambda_: penalty strength (>= 0). Default ``1.0``, from the sweep in
+            ``benchmarks/sweep_regularization.py``.
+        consolidate_every_n_steps: also move the anchor every N optimizer steps (task-free use).
+
+    Example::
+
+        >>> import lightning as L
+        >>> from lightning_incremental import MLPClassifier
+        >>> from lightning_incremental.scenarios import synthetic_stream
+        >>> stream, model, l2 = synthetic_stream(n_tasks=2), MLPClassifier(16, 4, hidden=(8,)), L2Anchor(lambda_=1.0)
+        >>> trainer = L.Trainer(max_epochs=1, callbacks=[l2], logger=False, enable_progress_bar=False,
+        ...                     enable_checkpointing=False, enable_model_summary=False)
+        >>> trainer.fit(model, stream[0].train_dataloader(batch_size=16))
+        >>> bool(torch.equal(l2.anchor["net.0.weight"], model.net[0].weight.detach()))
+        True
+    """
+
+    def __init__(self, lambda_: float = 1.0, consolidate_every_n_steps: int | None = None) -> None:
+        super().__init__(lambda_, consolidate_every_n_steps)
+
+    def consolidate(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.anchor = snapshot(named_trainable_parameters(pl_module))
+        self.importance = {name: torch.ones_like(anchor) for name, anchor in self.anchor.items()}

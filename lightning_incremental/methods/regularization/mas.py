@@ -1,0 +1,73 @@
+"""Memory Aware Synapses (Aljundi et al., 2018)."""
+
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor
+
+from lightning_incremental.core.per_sample import Reduction
+from lightning_incremental.methods.regularization._importance import ForwardFn, SampledImportance
+from lightning_incremental.methods.regularization._quadratic import named_trainable_parameters, snapshot
+
+
+class MAS(SampledImportance):
+    r"""Penalise moving the parameters to which the model's output is most sensitive. Needs no labels.
+
+    At the end of every task the importance of a parameter is the mean over the task's samples of the
+    absolute gradient of the squared L2 norm of the model's output, ``|d ||f(x_n)||^2 / d theta|``,
+    computed per sample in eval mode and fp32 and all-reduced over DDP ranks. It is merged into the old
+    importance as ``Omega = alpha * Omega_old + (1 - alpha) * Omega_new`` (the first task sets it), anchored
+    at the latest weights, and the gradient ``lambda * Omega * (theta - theta*)`` is added before every
+    optimizer step.
+
+    Defaults (``lambda_=10``, ``alpha=0.5``) were chosen by the sweep in
+    ``benchmarks/sweep_regularization.py`` on the reference protocol.
+
+    Args:
+        lambda_: penalty strength (>= 0).
+        alpha: weight of the old importance when merging, in [0, 1].
+        samples: samples (over all ranks) that estimate the importance; ``None``: the whole task.
+        forward: ``forward(pl_module, batch) -> outputs``; default ``pl_module(x)``.
+        chunk_size: samples per chunk of the per-sample gradient computation.
+        consolidate_every_n_steps: also consolidate every N optimizer steps, on the most recent batches.
+
+    Example::
+
+        >>> import lightning as L
+        >>> from lightning_incremental import MLPClassifier
+        >>> from lightning_incremental.scenarios import synthetic_stream
+        >>> stream, model, mas = synthetic_stream(n_tasks=2), MLPClassifier(16, 4, hidden=(8,)), MAS(lambda_=1.0)
+        >>> for task in stream:
+        ...     trainer = L.Trainer(max_epochs=1, callbacks=[mas], logger=False, enable_progress_bar=False,
+        ...                         enable_checkpointing=False, enable_model_summary=False)
+        ...     trainer.fit(model, task.train_dataloader(batch_size=16))
+        >>> bool(mas.importance["net.0.weight"].min() >= 0), mas.tasks_completed
+        (True, 2)
+    """
+
+    reduction: Reduction = "abs"
+
+    def __init__(
+        self,
+        lambda_: float = 10.0,
+        alpha: float = 0.5,
+        samples: int | None = None,
+        forward: ForwardFn | None = None,
+        chunk_size: int = 64,
+        consolidate_every_n_steps: int | None = None,
+    ) -> None:
+        super().__init__(lambda_, samples, forward, chunk_size, consolidate_every_n_steps)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"`alpha` must be in [0, 1], got {alpha}.")
+        self.alpha = float(alpha)
+
+    def per_sample_loss(self, outputs: Tensor, batch: Any) -> Tensor:
+        return outputs.float().flatten(1).square().sum(-1)
+
+    def consolidate(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        importance = self.estimate_importance(trainer, pl_module)
+        current = snapshot(named_trainable_parameters(pl_module))
+        for name, new in importance.items():
+            old = self.importance.get(name)
+            self.importance[name] = new if old is None else self.alpha * old + (1 - self.alpha) * new
+            self.anchor[name] = current[name]
