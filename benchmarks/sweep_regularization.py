@@ -4,7 +4,8 @@
 
 For every method and every value of its strength ``lambda_`` it prints the final average accuracy and the
 forgetting, next to naive fine-tuning in the same run. The defaults in the methods' docstrings are the
-values with the best average accuracy here; the ranking was checked on a second seed.
+values with the best mean average accuracy over the seeds here (the seed changes the model's initialisation
+and the data order; single seeds differ by up to 0.1, so one seed does not rank them).
 """
 
 import argparse
@@ -18,23 +19,24 @@ from lightning_incremental.methods.regularization import EWC, MAS, SI, L2Anchor
 
 GRID = {
     "naive": [(None, lambda: [])],
-    "ewc": [(lam, lambda lam=lam: [EWC(lambda_=lam)]) for lam in (1e2, 1e3, 1e4, 1e5)],
-    "ewc (true Fisher)": [(lam, lambda lam=lam: [EWC(lambda_=lam, fisher="true")]) for lam in (1e3, 1e4)],
+    "ewc": [(lam, lambda lam=lam: [EWC(lambda_=lam)]) for lam in (10, 30, 100, 300, 1e3, 1e4, 1e5)],
+    "ewc (true Fisher)": [(lam, lambda lam=lam: [EWC(lambda_=lam, fisher="true")]) for lam in (300, 1e3, 2e3)],
     "online_ewc (decay 0.9)": [
-        (lam, lambda lam=lam: [EWC(lambda_=lam, mode="online", decay=0.9)]) for lam in (1e3, 1e4, 1e5)
+        (lam, lambda lam=lam: [EWC(lambda_=lam, mode="online", decay=0.9)]) for lam in (300, 1e3)
     ],
-    "si": [(lam, lambda lam=lam: [SI(lambda_=lam)]) for lam in (1, 10, 100, 1000)],
-    "mas": [(lam, lambda lam=lam: [MAS(lambda_=lam)]) for lam in (1, 10, 100, 1000)],
+    "si (epsilon 1)": [(lam, lambda lam=lam: [SI(lambda_=lam, epsilon=1.0)]) for lam in (5, 50, 100)],
+    "si (epsilon 0.1)": [(lam, lambda lam=lam: [SI(lambda_=lam, epsilon=0.1)]) for lam in (1, 5, 20, 100)],
+    "mas": [(lam, lambda lam=lam: [MAS(lambda_=lam)]) for lam in (0.03, 0.1, 0.3, 1, 10)],
     "l2": [(lam, lambda lam=lam: [L2Anchor(lambda_=lam)]) for lam in (0.01, 0.1, 1.0)],
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=list(GRID), choices=list(GRID))
     args = parser.parse_args()
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # after lightning's import-time setup
     warnings.filterwarnings("ignore")
     print(f"{'method':<24} {'lambda':>9} {'avg acc':>8} {'forgetting':>11}")
     for method in args.methods:
@@ -46,7 +48,9 @@ def main() -> None:
                 accs.append(result.summary()["acc"])
                 forgets.append(result.summary()["forgetting"])
             shown = "-" if value is None else f"{value:g}"
-            print(f"{method:<24} {shown:>9} {statistics.mean(accs):>8.4f} {statistics.mean(forgets):>11.4f}", flush=True)
+            print(
+                f"{method:<24} {shown:>9} {statistics.mean(accs):>8.4f} {statistics.mean(forgets):>11.4f}", flush=True
+            )
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ class EWC(SampledImportance):
 
     def __init__(
         self,
-        lambda_: float = 1000.0,
+        lambda_: float = 300.0,
         mode: Literal["separate", "online"] = "separate",
         decay: float = 1.0,
         fisher: Literal["empirical", "true"] = "empirical",
