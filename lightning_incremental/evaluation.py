@@ -125,7 +125,7 @@ class ContinualEvaluation(ContinualCallback):
         >>> from lightning_incremental.models import MLPClassifier
         >>> from lightning_incremental.scenarios import synthetic_stream
         >>> stream = synthetic_stream(n_tasks=2)
-        >>> model = MLPClassifier(16, 4, hidden=(32,))
+        >>> model = MLPClassifier(16, 4, hidden=(32,), lr=1e-2)
         >>> evaluation = ContinualEvaluation(stream)
         >>> for task in stream:
         ...     trainer = L.Trainer(max_epochs=2, callbacks=[evaluation], logger=False, enable_progress_bar=False,
