@@ -1,4 +1,4 @@
-"""Timing machinery shared by the benchmark scripts: step time of a method over naive fine-tuning.
+"""Machinery shared by the benchmark scripts: step time of a method over naive fine-tuning, and sweeps.
 
 Every measurement trains a fresh model on a short first task (so that methods have something to
 consolidate: an anchor, an old model, a filled buffer) and times the optimizer steps of the second task
@@ -136,3 +136,40 @@ def print_ratios(title: str, medians: dict[str, float], reference: str = "naive"
 def setup_threads() -> None:
     """One thread per process makes the timings repeatable on a shared 2-core machine."""
     torch.set_num_threads(1)
+
+
+Grid = dict[str, list[tuple[str, Callable[[], list[Callback]]]]]
+
+
+def sweep(grid: Grid, scenarios: list[str], seeds: int) -> None:
+    """Print the final average accuracy and forgetting (means over ``seeds``) of every configuration.
+
+    ``grid`` maps a method name to ``(setting, build)`` pairs; ``build()`` returns fresh callbacks. Each run is
+    the reference protocol of DESIGN.md §6 (``lightning_incremental.cli.run_method``) with the seed changing
+    the model's initialisation and the data order.
+    """
+    import logging
+    import warnings
+
+    from lightning_incremental.cli import make_stream, run_method
+    from lightning_incremental.methods import MethodSpec
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # after lightning's import-time setup
+    warnings.filterwarnings("ignore")
+    print(f"{'scenario':<9} {'method':<24} {'setting':<28} {'avg acc':>8} {'std':>6} {'forgetting':>11}")
+    for scenario in scenarios:
+        streams = [make_stream(scenario, 5, seed) for seed in range(seeds)]
+        for method, settings in grid.items():
+            for setting, build in settings:
+                accs, forgets = [], []
+                for seed, stream in enumerate(streams):
+                    spec = MethodSpec(method, "sweep", "", lambda stream, build=build: build())
+                    result, _ = run_method(spec, stream, seed=seed)
+                    accs.append(result.summary()["acc"])
+                    forgets.append(result.summary()["forgetting"])
+                spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+                print(
+                    f"{scenario:<9} {method:<24} {setting:<28} {statistics.mean(accs):>8.4f} {spread:>6.3f} "
+                    f"{statistics.mean(forgets):>11.4f}",
+                    flush=True,
+                )

@@ -9,25 +9,26 @@ and the data order; single seeds differ by up to 0.1, so one seed does not rank 
 """
 
 import argparse
-import logging
-import statistics
-import warnings
 
-from lightning_incremental.cli import make_stream, run_method
-from lightning_incremental.methods import MethodSpec
+from harness import Grid, sweep
+
 from lightning_incremental.methods.regularization import EWC, MAS, SI, L2Anchor
 
-GRID = {
-    "naive": [(None, lambda: [])],
-    "ewc": [(lam, lambda lam=lam: [EWC(lambda_=lam)]) for lam in (10, 30, 100, 300, 1e3, 1e4, 1e5)],
-    "ewc (true Fisher)": [(lam, lambda lam=lam: [EWC(lambda_=lam, fisher="true")]) for lam in (300, 1e3, 2e3)],
-    "online_ewc (decay 0.9)": [
-        (lam, lambda lam=lam: [EWC(lambda_=lam, mode="online", decay=0.9)]) for lam in (300, 1e3)
+GRID: Grid = {
+    "naive": [("-", lambda: [])],
+    "ewc": [(f"lambda {lam:g}", lambda lam=lam: [EWC(lambda_=lam)]) for lam in (10, 30, 100, 300, 1e3, 1e4, 1e5)],
+    "ewc (true Fisher)": [
+        (f"lambda {lam:g}", lambda lam=lam: [EWC(lambda_=lam, fisher="true")]) for lam in (300, 1e3, 2e3)
     ],
-    "si (epsilon 1)": [(lam, lambda lam=lam: [SI(lambda_=lam, epsilon=1.0)]) for lam in (5, 50, 100)],
-    "si (epsilon 0.1)": [(lam, lambda lam=lam: [SI(lambda_=lam, epsilon=0.1)]) for lam in (1, 5, 20, 100)],
-    "mas": [(lam, lambda lam=lam: [MAS(lambda_=lam)]) for lam in (0.03, 0.1, 0.3, 1, 10)],
-    "l2": [(lam, lambda lam=lam: [L2Anchor(lambda_=lam)]) for lam in (0.01, 0.1, 1.0)],
+    "online_ewc (decay 0.9)": [
+        (f"lambda {lam:g}", lambda lam=lam: [EWC(lambda_=lam, mode="online", decay=0.9)]) for lam in (300, 1e3)
+    ],
+    "si (epsilon 1)": [(f"lambda {lam:g}", lambda lam=lam: [SI(lambda_=lam, epsilon=1.0)]) for lam in (5, 50, 100)],
+    "si (epsilon 0.1)": [
+        (f"lambda {lam:g}", lambda lam=lam: [SI(lambda_=lam, epsilon=0.1)]) for lam in (1, 5, 20, 100)
+    ],
+    "mas": [(f"lambda {lam:g}", lambda lam=lam: [MAS(lambda_=lam)]) for lam in (0.03, 0.1, 0.3, 1, 10)],
+    "l2": [(f"lambda {lam:g}", lambda lam=lam: [L2Anchor(lambda_=lam)]) for lam in (0.01, 0.1, 1.0)],
 }
 
 
@@ -36,21 +37,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=list(GRID), choices=list(GRID))
     args = parser.parse_args()
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # after lightning's import-time setup
-    warnings.filterwarnings("ignore")
-    print(f"{'method':<24} {'lambda':>9} {'avg acc':>8} {'forgetting':>11}")
-    for method in args.methods:
-        for value, build in GRID[method]:
-            accs, forgets = [], []
-            for seed in range(args.seeds):
-                spec = MethodSpec(method, "sweep", "", lambda stream, build=build: build())
-                result, _ = run_method(spec, make_stream("permuted", 5, seed), seed=seed)
-                accs.append(result.summary()["acc"])
-                forgets.append(result.summary()["forgetting"])
-            shown = "-" if value is None else f"{value:g}"
-            print(
-                f"{method:<24} {shown:>9} {statistics.mean(accs):>8.4f} {statistics.mean(forgets):>11.4f}", flush=True
-            )
+    sweep({name: GRID[name] for name in args.methods}, ["permuted"], args.seeds)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection, apply_to_collections
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 INPUT_KEYS = ("x", "input", "inputs", "image", "images", "features", "data")
@@ -108,10 +108,11 @@ def concat_batches(batch: Any, extra: Any) -> Any:
     ('tuple', torch.Size([3, 3]), [0, 1, 5])
     """
 
-    def cat(current: Tensor, more: Tensor) -> Tensor:
-        return torch.cat([current, more.to(device=current.device, dtype=current.dtype)])
-
-    return apply_to_collections(batch, extra, Tensor, cat)
+    joined = [
+        torch.cat([current, more.to(device=current.device, dtype=current.dtype)])
+        for current, more in zip(batch_leaves(batch), batch_leaves(extra), strict=True)
+    ]
+    return with_leaves(batch, joined)  # keeps a mapping's key order
 
 
 def index_batch(batch: Any, index: Tensor | slice) -> Any:
@@ -121,3 +122,24 @@ def index_batch(batch: Any, index: Tensor | slice) -> Any:
     [tensor([3, 4]), tensor([6, 8])]
     """
     return apply_to_collection(batch, Tensor, lambda t: t[index])
+
+
+def batch_leaves(batch: Any) -> list[Tensor]:
+    """The tensors of a batch, in a fixed traversal order (the order :func:`with_leaves` refills).
+
+    >>> [t.tolist() for t in batch_leaves({"x": torch.tensor([1]), "y": torch.tensor([2])})]
+    [[1], [2]]
+    """
+    leaves: list[Tensor] = []
+    apply_to_collection(batch, Tensor, leaves.append)
+    return leaves
+
+
+def with_leaves(batch: Any, leaves: list[Tensor]) -> Any:
+    """A batch of the same structure as ``batch`` whose tensors are ``leaves``, in :func:`batch_leaves` order.
+
+    >>> with_leaves((torch.zeros(1), torch.zeros(1)), [torch.ones(2), torch.ones(2) * 3])
+    (tensor([1., 1.]), tensor([3., 3.]))
+    """
+    replacements = iter(leaves)
+    return apply_to_collection(batch, Tensor, lambda _: next(replacements))

@@ -33,9 +33,9 @@ class MethodSpec:
 
 
 def _families() -> list[list[MethodSpec]]:
-    from lightning_incremental.methods import baselines, regularization
+    from lightning_incremental.methods import baselines, regularization, replay
 
-    return [baselines.METHODS, regularization.METHODS]
+    return [baselines.METHODS, regularization.METHODS, replay.METHODS]
 
 
 def registry() -> dict[str, MethodSpec]:

@@ -1,0 +1,51 @@
+"""The sweep that chose the replay methods' defaults (DESIGN.md §6 protocol, buffer 200).
+
+    python benchmarks/sweep_replay.py [--seeds 2] [--scenarios split permuted]
+
+For each replay method and setting it prints the final average accuracy (mean and std over the seeds) and
+the forgetting on the class-incremental split and the domain-incremental permuted digits streams, next to
+naive fine-tuning in the same run. The defaults in the methods' docstrings are the settings with the best
+mean accuracy over both scenarios here.
+"""
+
+import argparse
+
+from harness import Grid, sweep
+
+from lightning_incremental.methods.replay import AGEM, DER, ExperienceReplay
+
+FILLS = ("stream", "first_epoch", "task_end")
+
+GRID: Grid = {
+    "naive": [("-", lambda: [])],
+    "replay": [
+        (
+            f"{policy} {fill} ratio {ratio:g}",
+            lambda p=policy, f=fill, r=ratio: [ExperienceReplay(policy=p, fill=f, ratio=r)],
+        )
+        for policy in ("reservoir", "class_balanced")
+        for fill in FILLS
+        for ratio in (1, 2, 4)
+    ],
+    "der": [(f"alpha {a:g} {fill}", lambda a=a, f=fill: [DER(alpha=a, fill=f)]) for a in (0.3, 1.0) for fill in FILLS],
+    "derpp": [
+        (f"alpha {a:g} beta {b:g} {fill}", lambda a=a, b=b, f=fill: [DER(alpha=a, beta=b, fill=f)])
+        for a in (0.1, 0.3, 1.0)
+        for b in (0.5, 1.0)
+        for fill in ("stream", "first_epoch")
+    ],
+    "agem": [(f"sample {k}", lambda k=k: [AGEM(sample_size=k)]) for k in (64, 200)],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--scenarios", nargs="+", default=["split", "permuted"], choices=["split", "permuted"])
+    parser.add_argument("--methods", nargs="+", default=list(GRID), choices=list(GRID))
+    args = parser.parse_args()
+    sweep({name: GRID[name] for name in args.methods}, args.scenarios, args.seeds)
+
+
+if __name__ == "__main__":
+    main()

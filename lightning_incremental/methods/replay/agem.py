@@ -1,0 +1,133 @@
+"""Averaged Gradient Episodic Memory, A-GEM (Chaudhry et al., 2019)."""
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import Tensor
+from torch.nn import functional as F
+
+from lightning_incremental.buffers import Policy
+from lightning_incremental.core.batch import split_batch
+from lightning_incremental.core.callback import StepFn
+from lightning_incremental.methods.replay._base import Fill, ReplayMethod
+
+LossFn = Callable[[LightningModule, Any], Tensor]
+
+
+def classification_loss(pl_module: LightningModule, batch: Any) -> Tensor:
+    """Cross-entropy of ``pl_module(x)`` against ``y``: the default reference loss."""
+    inputs, targets = split_batch(batch)
+    return F.cross_entropy(pl_module(inputs).float(), targets)
+
+
+def project_conflicting(grads: list[Tensor], references: list[Tensor]) -> Tensor:
+    """A-GEM's projection, in place: if ``g . r < 0`` then ``g <- g - (g . r / r . r) r``, over all tensors at once.
+
+    Returns whether it projected, as a device tensor (no host sync).
+
+    >>> g, r = [torch.tensor([1.0, -2.0])], [torch.tensor([0.0, 1.0])]
+    >>> project_conflicting(g, r), g
+    (tensor(True), [tensor([1., 0.])])
+    """
+    dot = torch.stack([(g * r).sum() for g, r in zip(grads, references, strict=True)]).sum()
+    norm = torch.stack([r.square().sum() for r in references]).sum()
+    coefficient = dot.clamp(max=0) / norm.clamp_min(1e-12)
+    torch._foreach_add_(grads, torch._foreach_mul(references, -coefficient))
+    return dot < 0
+
+
+class AGEM(ReplayMethod):
+    r"""Never let an update increase the loss on the memory: project the gradient when it would.
+
+    As in the paper, the memory holds earlier tasks only: by default (``fill="task_end"``) each task's rows
+    are offered to the buffer (reservoir) when the task ends. Before every optimizer step the reference gradient
+    ``g_ref`` of ``loss_fn`` on ``sample_size`` buffer rows is computed with ``torch.autograd.grad`` (the
+    parameters' ``.grad`` is not touched) and averaged over DDP ranks; if the update's gradient ``g``
+    points against it (``g . g_ref < 0``) it is replaced by ``g - (g . g_ref / g_ref . g_ref) g_ref``.
+    The test is done on the device, without a host sync, as ``g -= min(g . g_ref, 0) / |g_ref|^2 * g_ref``.
+
+    Args:
+        buffer_size: rows the buffer holds (over all DDP ranks).
+        sample_size: buffer rows per reference gradient (per rank).
+        loss_fn: ``loss_fn(pl_module, batch) -> loss``; default cross-entropy of ``pl_module(x)``.
+        policy: the buffer's policy.
+        fill: when rows enter the buffer: ``"task_end"`` (the paper), ``"stream"`` (task-free; the memory then
+            also holds the current task, which weakens the constraint) or ``"first_epoch"``.
+        seed: seed of the buffer's sampling.
+
+    Example::
+
+        >>> import lightning as L
+        >>> from lightning_incremental import MLPClassifier
+        >>> from lightning_incremental.scenarios import synthetic_stream
+        >>> stream, model = synthetic_stream(n_tasks=2), MLPClassifier(16, 4, hidden=(8,), lr=1e-2)
+        >>> agem = AGEM(buffer_size=50, sample_size=16)
+        >>> for task in stream:
+        ...     trainer = L.Trainer(max_epochs=2, callbacks=[agem], logger=False, enable_progress_bar=False,
+        ...                         enable_checkpointing=False, enable_model_summary=False)
+        ...     trainer.fit(model, task.train_dataloader(batch_size=16))
+        >>> len(agem.buffer), agem.projections > 0
+        (50, True)
+    """
+
+    def __init__(
+        self,
+        buffer_size: int = 200,
+        sample_size: int = 64,
+        loss_fn: LossFn | None = None,
+        policy: Policy = "reservoir",
+        fill: Fill = "task_end",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(buffer_size, policy, fill, seed)
+        if sample_size < 1:
+            raise ValueError(f"`sample_size` must be a positive integer, got {sample_size}.")
+        self.sample_size = sample_size
+        self.loss_fn = loss_fn or classification_loss
+        self.projections = 0  # steps whose gradient was projected (read on the host only at task end)
+        self._projected = torch.zeros((), dtype=torch.long)
+        self._template: Any = None
+
+    def wrap_training_step(self, trainer: Trainer, pl_module: LightningModule, batch: Any, step: StepFn) -> STEP_OUTPUT:
+        output = step(batch)
+        self._template = batch
+        if self.inserts_now(trainer):
+            self.insert(batch)
+        return output
+
+    def add_gradient_terms(
+        self, trainer: Trainer, pl_module: LightningModule, params: list[Tensor], grads: list[Tensor], scale: float
+    ) -> None:
+        if not len(self.buffer) or self._template is None:
+            return
+        replayed, _ = self.replay(self._template, self.sample_size)
+        with torch.enable_grad(), trainer.precision_plugin.forward_context():
+            loss = self.loss_fn(pl_module, replayed)
+        references = torch.autograd.grad(loss, params, allow_unused=True)
+        references = [
+            torch.zeros_like(p) if r is None else r.to(g.dtype)
+            for p, r, g in zip(params, references, grads, strict=True)
+        ]
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            flat = torch.cat([r.flatten() for r in references])
+            torch.distributed.all_reduce(flat)
+            flat /= trainer.world_size
+            references = list(flat.split([r.numel() for r in references]))
+            references = [r.view_as(p) for r, p in zip(references, params, strict=True)]
+        projected = project_conflicting(grads, references)
+        self._projected = self._projected.to(projected.device) + projected
+
+    def on_task_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_task_end(trainer, pl_module)
+        self.projections += int(self._projected)
+        self._projected = torch.zeros((), dtype=torch.long)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "projections": self.projections}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.projections = int(state_dict["projections"])
