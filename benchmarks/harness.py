@@ -112,16 +112,19 @@ def compare(
     workload: Workload,
     configurations: dict[str, Callable[[], list[Callback]]],
     repeats: int = 5,
+    batch_sizes: dict[str, int] | None = None,
     **kwargs: object,
 ) -> dict[str, float]:
     """Median step time of every configuration, measured interleaved ``repeats`` times.
 
-    ``configurations`` must hold ``"naive"`` (``lambda: []``), the reference of the ratios.
+    ``configurations`` must hold ``"naive"`` (``lambda: []``), the reference of the ratios. ``batch_sizes``
+    gives a configuration a batch size other than the workload's on the timed task.
     """
     samples: dict[str, list[float]] = {name: [] for name in configurations}
     for _ in range(repeats):
         for name, build in configurations.items():
-            samples[name].append(time_steps(workload, build, **kwargs))  # type: ignore[arg-type]
+            batch_size = (batch_sizes or {}).get(name)
+            samples[name].append(time_steps(workload, build, batch_size=batch_size, **kwargs))  # type: ignore[arg-type]
     return {name: statistics.median(values) for name, values in samples.items()}
 
 

@@ -69,6 +69,18 @@ class LogitsCapture:
                 f"Its submodules are: {_candidate_names(root)}."
             ) from None
 
+    def name_in(self, root: nn.Module) -> str:
+        """The dotted name of the logits module inside ``root`` (after discovery), to find it in a copy."""
+        module = self.module(root)
+        if self.name is not None:
+            return self.name
+        if module is None:
+            raise RuntimeError("The logits module is not discovered yet: record one forward first.")
+        name = next((n for n, sub in root.named_modules() if sub is module), None)
+        if name is None:
+            raise ValueError(f"`logits_module` is not a submodule of {type(root).__name__}.")
+        return name
+
     @contextmanager
     def recording(self, root: nn.Module, batch_size: int | None = None) -> Iterator["_Record"]:
         """Hook the logits module of ``root`` for the duration of the block; the record holds its outputs.

@@ -33,9 +33,9 @@ class MethodSpec:
 
 
 def _families() -> list[list[MethodSpec]]:
-    from lightning_incremental.methods import baselines, regularization, replay
+    from lightning_incremental.methods import baselines, distillation, regularization, replay
 
-    return [baselines.METHODS, regularization.METHODS, replay.METHODS]
+    return [baselines.METHODS, regularization.METHODS, replay.METHODS, distillation.METHODS]
 
 
 def registry() -> dict[str, MethodSpec]:

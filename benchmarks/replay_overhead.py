@@ -1,0 +1,85 @@
+"""Step time of the replay methods over naive fine-tuning, and the replay buffer's own cost.
+
+    python benchmarks/replay_overhead.py [--repeats 7] [--steps 40]
+
+1. MLP 784-1000-1000-10: the median time of a training step on the second task (the buffer is full) for
+   ExperienceReplay on batches of 128 new + 128 replayed rows, against naive fine-tuning on batches of 256
+   rows — the same number of samples per step — measured interleaved in one run, printed as ratios. DER
+   (128 + a replay forward of 128), DER++ (two replay forwards) and A-GEM (a reference gradient on 64 rows)
+   are printed against naive fine-tuning on batches of 128, their inherent extra compute shown beside.
+2. The buffer alone: the median time to insert a batch of 128 rows and to draw a replay sample of 128 rows
+   from a full buffer of 1,000 rows, as a fraction of the naive step on 256 rows.
+"""
+
+import argparse
+import logging
+import statistics
+import time
+import warnings
+
+import torch
+from harness import MLP, compare, print_ratios, setup_threads
+
+from lightning_incremental.buffers import ReplayBuffer
+from lightning_incremental.methods.replay import AGEM, DER, ExperienceReplay
+
+BUFFER = 1000
+
+
+def buffer_costs(repeats: int = 200) -> tuple[float, float]:
+    """Median seconds to insert 128 MLP rows into, and to sample 128 rows from, a full reservoir buffer."""
+    buffer = ReplayBuffer(BUFFER, seed=0)
+    inputs, labels = torch.randn(128, 784), torch.randint(0, 10, (128,))
+    for _ in range(BUFFER // 128 + 1):
+        buffer.add([inputs, labels], groups=None)
+    inserts, samples = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        buffer.add([inputs, labels], groups=None)
+        inserts.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        buffer.sample(128)
+        samples.append(time.perf_counter() - started)
+    return statistics.median(inserts), statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=40)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    setup_threads()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), buffer of {BUFFER} rows")
+
+    same_samples = compare(
+        MLP,
+        {"naive": lambda: [], "replay": lambda: [ExperienceReplay(buffer_size=BUFFER, replay_batch_size=128)]},
+        repeats=args.repeats,
+        steps=args.steps,
+        batch_sizes={"naive": 256},
+    )
+    print_ratios(f"{MLP.name}: replay (128 new + 128 replayed) vs naive on 256 rows per step", same_samples)
+
+    extra_compute = compare(
+        MLP,
+        {
+            "naive": lambda: [],
+            "der": lambda: [DER(buffer_size=BUFFER)],
+            "derpp": lambda: [DER(buffer_size=BUFFER, beta=0.5)],
+            "agem": lambda: [AGEM(buffer_size=BUFFER, sample_size=64)],
+        },
+        repeats=args.repeats,
+        steps=args.steps,
+    )
+    print_ratios(f"{MLP.name}: DER, DER++, A-GEM vs naive on the same 128 new rows per step", extra_compute)
+
+    insert, sample = buffer_costs()
+    step = same_samples["naive"]
+    print(f"\nbuffer: insert 128 rows {insert * 1e3:.3f} ms, sample 128 rows {sample * 1e3:.3f} ms")
+    print(f"buffer cost per step over the naive 256-row step: {(insert + sample) / step:.3f}")
+
+
+if __name__ == "__main__":
+    main()
