@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lightning_incremental.evaluation import ContinualEvaluation, ContinualResult
+from lightning_incremental.heads import GrowHeads
 from lightning_incremental.methods.registry import MethodSpec, registry
 from lightning_incremental.models import MLPClassifier
 from lightning_incremental.scenarios import TaskStream, digits_stream
@@ -102,14 +103,16 @@ def run_method(
 ) -> tuple[ContinualResult, float]:
     """Train a fresh reference model with ``spec`` over ``stream``: the result and the wall seconds.
 
-    The reference protocol of DESIGN.md §6: MLPClassifier (hidden 256-256, Adam 1e-3), seeded with ``seed``.
+    The reference protocol of DESIGN.md §6: MLPClassifier (hidden 256-256, Adam 1e-3), seeded with ``seed``;
+    on a task-incremental stream its head is a ``MultiHeadClassifier`` grown by ``GrowHeads`` (one head per task).
     ``callbacks`` (progress, …) are added to every Trainer; ``trainer_kwargs`` go to every Trainer.
     """
     L.seed_everything(seed, verbose=False)
     n_features = stream[0].train[0][0].numel()
-    model = MLPClassifier(n_features, stream.num_classes)
+    multi_head = stream.scenario == "task-incremental"
+    model = MLPClassifier(n_features, stream.num_classes, head="multihead" if multi_head else "linear")
     evaluation = ContinualEvaluation(stream)
-    all_callbacks = [*spec.build(stream), *callbacks, evaluation]
+    all_callbacks = [*([GrowHeads()] if multi_head else []), *spec.build(stream), *callbacks, evaluation]
     settings = {
         "logger": False,
         "enable_progress_bar": False,

@@ -2,14 +2,15 @@
 
 import itertools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_incremental.core.batch import split_batch
+from lightning_incremental.core.batch import split_batch, task_labels_of
+from lightning_incremental.heads import IncrementalClassifier, MultiHeadClassifier
 
 
 class MLPClassifier(LightningModule):
@@ -22,6 +23,10 @@ class MLPClassifier(LightningModule):
         num_classes: number of output logits.
         hidden: the hidden layer sizes (ReLU between layers).
         lr: Adam's learning rate.
+        head: ``"linear"``, or a growing head (:mod:`lightning_incremental.heads`, with ``GrowHeads``):
+            ``"incremental"`` (classes added as they arrive; ``num_classes`` is where it starts) or
+            ``"multihead"`` (a head per task label over the global ``num_classes``; ``(x, y, t)`` batches
+            train each row on its own head).
 
     >>> model = MLPClassifier(64, 10)
     >>> model(torch.zeros(2, 8, 8)).shape
@@ -29,7 +34,12 @@ class MLPClassifier(LightningModule):
     """
 
     def __init__(
-        self, in_features: int, num_classes: int, hidden: Sequence[int] = (256, 256), lr: float = 1e-3
+        self,
+        in_features: int,
+        num_classes: int,
+        hidden: Sequence[int] = (256, 256),
+        lr: float = 1e-3,
+        head: Literal["linear", "incremental", "multihead"] = "linear",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -37,16 +47,31 @@ class MLPClassifier(LightningModule):
         layers: list[nn.Module] = []
         for size_in, size_out in itertools.pairwise(sizes):
             layers += [nn.Linear(size_in, size_out), nn.ReLU()]
-        layers.append(nn.Linear(sizes[-1], num_classes))
+        if head == "linear":
+            layers.append(nn.Linear(sizes[-1], num_classes))
+        elif head == "incremental":
+            layers.append(IncrementalClassifier(sizes[-1], num_classes))
+        elif head == "multihead":
+            layers.append(MultiHeadClassifier(sizes[-1], num_classes))
+        else:
+            raise ValueError(f"`head` must be 'linear', 'incremental' or 'multihead', got {head!r}.")
         self.net = nn.Sequential(*layers)
         self.lr = lr
+
+    @property
+    def head(self) -> nn.Module:
+        """The last layer: the classifier head."""
+        return self.net[-1]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x.flatten(1))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = split_batch(batch)
-        loss = F.cross_entropy(self(x), y)
+        logits, task_labels = self(x), task_labels_of(batch)
+        if task_labels is not None and isinstance(self.head, MultiHeadClassifier):
+            logits = self.head.mask(logits, task_labels)  # each row trains its own task's head
+        loss = F.cross_entropy(logits, y)
         self.log("train_loss", loss, prog_bar=True)
         return loss
 

@@ -1,0 +1,33 @@
+"""The sweep that chose LwF's defaults (DESIGN.md §6 protocol).
+
+    python benchmarks/sweep_lwf.py [--seeds 2] [--scenarios permuted split-task]
+
+For every ``alpha`` and ``temperature`` it prints the final average accuracy (mean and std over the seeds)
+and the forgetting, next to naive fine-tuning in the same run, on the domain-incremental permuted stream and
+the task-incremental split (one head per task).
+"""
+
+import argparse
+
+from harness import Grid, sweep
+
+from lightning_incremental.methods.distillation import LwF
+
+GRID: Grid = {
+    "naive": [("-", lambda: [])],
+    "lwf": [
+        (f"alpha {a:g} T {t:g}", lambda a=a, t=t: [LwF(alpha=a, temperature=t)]) for a in (1, 3, 10) for t in (1, 2)
+    ],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--scenarios", nargs="+", default=["permuted", "split-task"])
+    args = parser.parse_args()
+    sweep(GRID, args.scenarios, args.seeds)
+
+
+if __name__ == "__main__":
+    main()
