@@ -33,9 +33,16 @@ class MethodSpec:
 
 
 def _families() -> list[list[MethodSpec]]:
-    from lightning_incremental.methods import baselines, distillation, regularization, replay
+    from lightning_incremental.methods import baselines, distillation, fusion, partial, regularization, replay
 
-    return [baselines.METHODS, regularization.METHODS, replay.METHODS, distillation.METHODS]
+    return [
+        baselines.METHODS,
+        regularization.METHODS,
+        replay.METHODS,
+        distillation.METHODS,
+        partial.METHODS,
+        fusion.METHODS,
+    ]
 
 
 def registry() -> dict[str, MethodSpec]:

@@ -34,7 +34,7 @@ class EWC(SampledImportance):
     stream the two reach the same accuracy (``benchmarks/sweep_regularization.py``), so the default is the
     cheaper one.
 
-    Defaults (``lambda_=1000``, empirical Fisher over the whole task) were chosen by the sweep in
+    Defaults (``lambda_=300``, empirical Fisher over the whole task) were chosen by the sweep in
     ``benchmarks/sweep_regularization.py`` on the reference protocol.
 
     Args:

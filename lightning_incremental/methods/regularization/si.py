@@ -48,7 +48,7 @@ class SI(QuadraticPenalty):
     """
 
     def __init__(
-        self, lambda_: float = 1.0, epsilon: float = 0.1, consolidate_every_n_steps: int | None = None
+        self, lambda_: float = 50.0, epsilon: float = 1.0, consolidate_every_n_steps: int | None = None
     ) -> None:
         super().__init__(lambda_, consolidate_every_n_steps)
         if not epsilon > 0:
