@@ -8,8 +8,11 @@ times, and the median is reported, so that the ratio against naive fine-tuning c
 under the same machine load.
 """
 
+import argparse
+import logging
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -141,6 +144,19 @@ def setup_threads() -> None:
     torch.set_num_threads(1)
 
 
+def timing_args(doc: str) -> argparse.Namespace:
+    """The timing scripts' command line (``--repeats``, ``--steps``); quiets Lightning, pins one thread."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved repeats; the median is reported")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per repeat")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # after lightning's import-time setup
+    setup_threads()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    return args
+
+
 Grid = dict[str, list[tuple[str, Callable[[], list[Callback]]]]]
 
 
@@ -151,9 +167,6 @@ def sweep(grid: Grid, scenarios: list[str], seeds: int) -> None:
     the reference protocol of DESIGN.md §6 (``lightning_incremental.cli.run_method``) with the seed changing
     the model's initialisation and the data order.
     """
-    import logging
-    import warnings
-
     from lightning_incremental.cli import make_stream, run_method
     from lightning_incremental.methods import MethodSpec
 

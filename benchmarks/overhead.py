@@ -9,15 +9,11 @@
    the same 1,000 samples (batch 128), for both models.
 """
 
-import argparse
-import logging
 import statistics
 import time
-import warnings
 
 import lightning as L
-import torch
-from harness import CNN, MLP, QUIET, Workload, compare, print_ratios, setup_threads
+from harness import CNN, MLP, QUIET, Workload, compare, print_ratios, timing_args
 
 from lightning_incremental.methods.regularization import EWC, MAS, SI, L2Anchor
 
@@ -58,14 +54,7 @@ def fisher_over_epoch(workload: Workload, repeats: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=40)
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    setup_threads()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    args = timing_args(__doc__)
     for workload in (MLP, CNN):
         medians = compare(workload, METHODS, repeats=args.repeats, steps=args.steps)
         print_ratios(f"step time on the second task, {workload.name}", medians)

@@ -11,14 +11,11 @@
    from a full buffer of 1,000 rows, as a fraction of the naive step on 256 rows.
 """
 
-import argparse
-import logging
 import statistics
 import time
-import warnings
 
 import torch
-from harness import MLP, compare, print_ratios, setup_threads
+from harness import MLP, compare, print_ratios, timing_args
 
 from lightning_incremental.buffers import ReplayBuffer
 from lightning_incremental.methods.replay import AGEM, DER, ExperienceReplay
@@ -44,14 +41,8 @@ def buffer_costs(repeats: int = 200) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=40)
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    setup_threads()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), buffer of {BUFFER} rows")
+    args = timing_args(__doc__)
+    print(f"buffer of {BUFFER} rows")
 
     same_samples = compare(
         MLP,
