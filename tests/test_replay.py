@@ -122,7 +122,7 @@ class _RecordingClassifier(MLPClassifier):
 def test_experience_replay_extends_the_batch_and_keeps_its_structure(style, split_stream):
     L.seed_everything(0, verbose=False)
     model = _RecordingClassifier(16, 6, hidden=(8,))
-    replay = ExperienceReplay(buffer_size=20, ratio=0.5)
+    replay = ExperienceReplay(buffer_size=20, ratio=0.5, fill="stream")
     trainer(1, [replay]).fit(model, train_loader(split_stream[0], style))
     kinds = {kind for kind, _, _ in model.seen}
     assert kinds == {dict if style == "dict" else tuple if style == "tuple" else list}
@@ -143,7 +143,8 @@ def test_experience_replay_extends_the_batch_and_keeps_its_structure(style, spli
 
 def test_replay_batch_size_fixes_the_replayed_rows(split_stream):
     model = _RecordingClassifier(16, 6, hidden=(8,))
-    trainer(1, [ExperienceReplay(buffer_size=20, replay_batch_size=3)]).fit(model, train_loader(split_stream[0]))
+    replay = ExperienceReplay(buffer_size=20, replay_batch_size=3, fill="stream")
+    trainer(1, [replay]).fit(model, train_loader(split_stream[0]))
     assert {size for _, size, _ in model.seen[1:]} == {11}
 
 

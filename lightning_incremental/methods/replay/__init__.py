@@ -12,7 +12,7 @@ from lightning_incremental.methods.replay.experience_replay import ExperienceRep
 
 METHODS = [
     MethodSpec(
-        "replay", "replay", "Experience replay from a 200-sample reservoir buffer.", lambda s: [ExperienceReplay()]
+        "replay", "replay", "Experience replay from a class-balanced 200-sample buffer.", lambda s: [ExperienceReplay()]
     ),
     MethodSpec("der", "replay", "Dark Experience Replay: match the stored logits of 200 samples.", lambda s: [DER()]),
     MethodSpec("derpp", "replay", "DER++: stored logits and labels of 200 samples.", lambda s: [DER(beta=0.5)]),

@@ -68,13 +68,16 @@ class ReplayMethod(ContinualCallback):
 
     def insert(self, batch: Any, extras: dict[str, Tensor] | None = None) -> None:
         """Offer the rows of ``batch`` (and their ``extras``) to the buffer."""
-        groups = None
+        self.buffer.add(batch_leaves(batch), self.groups_of(batch), extras)
+
+    def groups_of(self, batch: Any) -> Tensor | None:
+        """The class (or task) of every row, for the balanced policies; raises on a batch without labels."""
         if self.policy == "class_balanced":
-            groups = split_batch(batch)[1]
-        elif self.policy == "task_balanced":
+            return split_batch(batch)[1]
+        if self.policy == "task_balanced":
             labels = task_labels_of(batch)
-            groups = labels if labels is not None else torch.full((len(batch_leaves(batch)[0]),), self.current_task)
-        self.buffer.add(batch_leaves(batch), groups, extras)
+            return labels if labels is not None else torch.full((len(batch_leaves(batch)[0]),), self.current_task)
+        return None
 
     def replay(self, like: Any, k: int) -> tuple[Any, dict[str, Tensor]]:
         """``k`` buffer rows as a batch of the same structure as ``like``, and their extras."""

@@ -16,11 +16,14 @@ class ExperienceReplay(ReplayMethod):
 
     The user's ``training_step`` receives its batch extended by replayed rows — same structure (a tuple
     stays a tuple, a dict a dict), device and dtype — so its loss covers old and new data alike. The buffer
-    (``buffer_size`` rows on the model's device) fills from the stream as it trains (``fill="stream"``,
-    which also works task-free) or from the whole task at its end (``fill="task_end"``).
+    (``buffer_size`` rows on the model's device) fills from the whole task at its end (``fill="task_end"``,
+    each row offered once) or from the stream as it trains (``fill="stream"``, which works task-free).
 
-    Defaults (``buffer_size=200``, a replay batch as large as the current one, reservoir) follow the
-    sweep in ``benchmarks/sweep_replay.py`` on the reference protocol.
+    Defaults (``buffer_size=200``, four replayed rows per current row, class-balanced, filled at task end)
+    are the best of the sweep in ``benchmarks/sweep_replay.py`` on the reference protocol (2 seeds): 0.932
+    on the class-incremental split and 0.887 on the permuted stream, against 0.893 / 0.869 for a reservoir
+    filled from the stream with one replayed row per current row. For task-free streams use
+    ``fill="stream", policy="reservoir"``.
 
     Args:
         buffer_size: rows the buffer holds (over all DDP ranks).
@@ -49,9 +52,9 @@ class ExperienceReplay(ReplayMethod):
         self,
         buffer_size: int = 200,
         replay_batch_size: int | None = None,
-        ratio: float = 1.0,
-        policy: Policy = "reservoir",
-        fill: Fill = "stream",
+        ratio: float = 4.0,
+        policy: Policy = "class_balanced",
+        fill: Fill = "task_end",
         seed: int = 0,
     ) -> None:
         super().__init__(buffer_size, policy, fill, seed)
@@ -70,4 +73,6 @@ class ExperienceReplay(ReplayMethod):
         output = step(extended)
         if self.inserts_now(trainer):
             self.insert(batch)
+        else:
+            self.groups_of(batch)  # a batch the policy cannot use fails now, not at the task's end
         return output
