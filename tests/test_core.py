@@ -157,8 +157,8 @@ def test_logits_capture_discovers_names_and_explains_failures(split_stream):
         model(batch[0])
     torch.testing.assert_close(record.logits, model(batch[0]))
 
-    with pytest.raises(ValueError, match=r"`logits_module='head'` is not a submodule.*'net.0'"):
-        LogitsCapture("head").module(model)
+    with pytest.raises(ValueError, match=r"`logits_module='classifier'` is not a submodule.*'net.0'"):
+        LogitsCapture("classifier").module(model)
 
     class Flat(nn.Module):
         def __init__(self):
