@@ -183,12 +183,28 @@ def test_batch_without_labels_gets_a_clear_error():
     assert split_batch({"pixels": torch.zeros(1), "cls": torch.ones(1)}, "pixels", "cls")[1].item() == 1
 
 
+class _HeavyRecorder(Recorder):
+    """A state far larger than a pipe's 64 KiB buffer, built in the workers: a replay buffer's size."""
+
+    def on_task_end(self, trainer, pl_module):
+        super().on_task_end(trainer, pl_module)
+        self.ballast = torch.full((100_000,), float(self.current_task))
+
+    def state_dict(self):
+        return {**super().state_dict(), "ballast": self.ballast}
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self.ballast = state_dict["ballast"]
+
+
 def test_ddp_fork_carries_method_state_back_to_the_main_process(split_stream):
-    model, recorder = tiny_model(split_stream), Recorder()
+    model, recorder = tiny_model(split_stream), _HeavyRecorder()
     for task in split_stream:
         trainer(1, [recorder], strategy="ddp_fork", devices=2).fit(model, train_loader(task))
     assert recorder.tasks_completed == 3
     assert recorder.starts == [0, 1, 2] and recorder.ends == [0, 1, 2]
+    assert recorder.ballast.shape == (100_000,) and recorder.ballast.unique().tolist() == [2.0]
 
 
 def test_state_survives_deepcopy_free_of_the_wrapper(split_stream):

@@ -23,7 +23,8 @@ It owns what all methods share, so that each method only writes its own math:
 """
 
 import functools
-import io
+import os
+import tempfile
 import uuid
 import weakref
 from collections.abc import Callable
@@ -152,6 +153,9 @@ class ContinualCallback(Callback):
 
         The worker's launcher pickles the dict of ``get_extra_results`` into the queue the main process
         reads; a :class:`_CarriedState` in it loads the state into this callback's twin when unpickled there.
+        The state itself goes through a temporary file, as Lightning sends the weights: the main process
+        reads the queue only after the workers exit, so a payload larger than a pipe's buffer (64 KiB) in
+        the queue would block the worker forever.
         """
         launcher = trainer.strategy.launcher
         if not isinstance(launcher, _MultiProcessingLauncher):
@@ -159,9 +163,10 @@ class ContinualCallback(Callback):
         state = self.state_dict()  # on every rank: a state_dict may gather across ranks
         if trainer.global_rank != 0:
             return
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        carried = _CarriedState(self._instance_id, buffer.getvalue())
+        handle, path = tempfile.mkstemp(suffix=".pt", prefix="lightning_incremental_state_")
+        with os.fdopen(handle, "wb") as file:
+            torch.save(state, file)
+        carried = _CarriedState(self._instance_id, path)
         collect = launcher.get_extra_results  # this worker's launcher, possibly patched by another method
 
         def get_extra_results(trainer: Trainer) -> dict[str, Any]:
@@ -187,17 +192,20 @@ def assign_state_keys(callbacks: list[Callback]) -> None:
 class _CarriedState:
     """Travels from the rank-0 worker to the main process; unpickling it loads the state there."""
 
-    def __init__(self, instance_id: str, payload: bytes) -> None:
-        self.instance_id, self.payload = instance_id, payload
+    def __init__(self, instance_id: str, path: str) -> None:
+        self.instance_id, self.path = instance_id, path
 
     def __reduce__(self) -> tuple:
-        return _deliver_state, (self.instance_id, self.payload)
+        return _deliver_state, (self.instance_id, self.path)
 
 
-def _deliver_state(instance_id: str, payload: bytes) -> None:
-    callback = _LIVE_INSTANCES.get(instance_id)
-    if callback is not None:
-        callback.load_state_dict(torch.load(io.BytesIO(payload), weights_only=True))
+def _deliver_state(instance_id: str, path: str) -> None:
+    try:
+        callback = _LIVE_INSTANCES.get(instance_id)
+        if callback is not None:
+            callback.load_state_dict(torch.load(path, weights_only=True))
+    finally:
+        os.remove(path)
 
 
 def _task_of(trainer: Trainer) -> Any:
