@@ -38,7 +38,8 @@ def accuracy_tables(methods: list[str], scenarios: list[str], seeds: int, epochs
     specs = registry()
     for scenario in scenarios:
         lines += [f"### {scenario} — {SCENARIOS[scenario]}", ""]
-        lines += ["| method | " + " | ".join(title for _, title in METRICS) + " | wall s |", "|---" * 5 + "|"]
+        header = " | ".join(title for _, title in METRICS)
+        lines += [f"| method | {header} | avg acc, seed 0 | wall s |", "|---" * 6 + "|"]
         for name in methods:
             runs = []
             for seed in range(seeds):
@@ -51,7 +52,8 @@ def accuracy_tables(methods: list[str], scenarios: list[str], seeds: int, epochs
                 spread = statistics.stdev(values) if len(values) > 1 else 0.0
                 cells.append(f"{statistics.mean(values):.3f} ± {spread:.3f}")
             seconds = statistics.mean(wall for _, wall in runs)
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {seconds:.1f} |")
+            first = runs[0][0].summary()["acc"]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {first:.4f} | {seconds:.1f} |")
         lines.append("")
     return lines
 
@@ -65,7 +67,13 @@ def overhead_table(methods: list[str], repeats: int) -> list[str]:
         name: (lambda spec=specs[name]: spec.build(stream)) for name in timed if name != "naive"
     }
     medians = compare(MLP, configurations, repeats=repeats)
-    lines = [f"Step time on the second task, {MLP.name}, median of {repeats} interleaved repeats.", ""]
+    lines = [
+        f"Step time on the second task, {MLP.name}, median of {repeats} interleaved repeats. Replay methods",
+        "train on more rows per step than naive here (ExperienceReplay: 4 replayed rows per new row; DER/DER++:",
+        "one or two replayed samples of the batch's size); `benchmarks/replay_overhead.py` compares them with",
+        "naive fine-tuning on the same number of rows.",
+        "",
+    ]
     lines += ["| method | ms/step | ratio over naive |", "|---|---|---|"]
     lines += [f"| {name} | {s * 1e3:.2f} | {s / medians['naive']:.3f} |" for name, s in medians.items()]
     return [*lines, ""]

@@ -15,7 +15,11 @@ from lightning_incremental.methods.distillation import LwF
 
 GRID: Grid = {
     "naive": [("-", lambda: [])],
-    "lwf": [(f"alpha {a:g} T {t:g}", lambda a=a, t=t: [LwF(alpha=a, temperature=t)]) for a in (0.1, 0.25, 0.5, 1, 3) for t in (2,)],
+    "lwf": [
+        (f"alpha {a:g} T {t:g}", lambda a=a, t=t: [LwF(alpha=a, temperature=t)])
+        for a in (0.1, 0.25, 0.5, 1, 3)
+        for t in (2,)
+    ],
 }
 
 

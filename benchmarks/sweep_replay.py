@@ -30,9 +30,9 @@ GRID: Grid = {
     "der": [(f"alpha {a:g} {fill}", lambda a=a, f=fill: [DER(alpha=a, fill=f)]) for a in (0.3, 1.0) for fill in FILLS],
     "derpp": [
         (f"alpha {a:g} beta {b:g} {fill}", lambda a=a, b=b, f=fill: [DER(alpha=a, beta=b, fill=f)])
-        for a in (0.1, 0.3, 1.0)
+        for a in (0.3, 1.0)
         for b in (0.5, 1.0)
-        for fill in ("stream", "first_epoch")
+        for fill in ("stream", "task_end")
     ],
     "agem": [(f"sample {k}", lambda k=k: [AGEM(sample_size=k)]) for k in (64, 200)],
 }

@@ -15,7 +15,9 @@ METHODS = [
         "replay", "replay", "Experience replay from a class-balanced 200-sample buffer.", lambda s: [ExperienceReplay()]
     ),
     MethodSpec("der", "replay", "Dark Experience Replay: match the stored logits of 200 samples.", lambda s: [DER()]),
-    MethodSpec("derpp", "replay", "DER++: stored logits and labels of 200 samples.", lambda s: [DER(beta=0.5)]),
+    MethodSpec(
+        "derpp", "replay", "DER++: stored logits and labels of 200 samples.", lambda s: [DER(alpha=0.3, beta=1.0)]
+    ),
     MethodSpec("agem", "replay", "A-GEM: project updates that would raise the memory's loss.", lambda s: [AGEM()]),
 ]
 
