@@ -105,14 +105,18 @@ def run_method(
 
     The reference protocol of DESIGN.md §6: MLPClassifier (hidden 256-256, Adam 1e-3), seeded with ``seed``;
     on a task-incremental stream its head is a ``MultiHeadClassifier`` grown by ``GrowHeads`` (one head per task).
-    ``callbacks`` (progress, …) are added to every Trainer; ``trainer_kwargs`` go to every Trainer.
+    ``callbacks`` (progress, …) are added to every Trainer; ``trainer_kwargs`` go to every Trainer. A method with
+    a ``predict(pl_module, batch)`` (iCaRL) is evaluated with it.
     """
     L.seed_everything(seed, verbose=False)
     n_features = stream[0].train[0][0].numel()
     multi_head = stream.scenario == "task-incremental"
     model = MLPClassifier(n_features, stream.num_classes, head="multihead" if multi_head else "linear")
-    evaluation = ContinualEvaluation(stream)
-    all_callbacks = [*([GrowHeads()] if multi_head else []), *spec.build(stream), *callbacks, evaluation]
+    methods = spec.build(stream)
+    # a method that classifies on its own (iCaRL's nearest mean of exemplars) exposes `predict(pl_module, batch)`
+    predict = next((method.predict for method in methods if callable(getattr(method, "predict", None))), None)
+    evaluation = ContinualEvaluation(stream, predict=predict)
+    all_callbacks = [*([GrowHeads()] if multi_head else []), *methods, *callbacks, evaluation]
     settings = {
         "logger": False,
         "enable_progress_bar": False,

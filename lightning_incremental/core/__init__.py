@@ -9,12 +9,14 @@ from lightning_incremental.core.batch import (
     task_labels_of,
 )
 from lightning_incremental.core.callback import ContinualCallback, add_to_loss
-from lightning_incremental.core.logits import LogitsCapture
-from lightning_incremental.core.modules import frozen_copy
+from lightning_incremental.core.logits import FeatureCapture, LogitsCapture
+from lightning_incremental.core.modules import OldModel, frozen_copy
 
 __all__ = [
     "ContinualCallback",
+    "FeatureCapture",
     "LogitsCapture",
+    "OldModel",
     "add_to_loss",
     "batch_size_of",
     "concat_batches",

@@ -1,14 +1,16 @@
-"""Capture the logits the user's model computes, with a forward hook on a submodule.
+"""Capture the logits the user's model computes, and the features its classifier reads, with hooks on submodules.
 
 The hook sits on a submodule, never on the LightningModule: under DDP the LightningModule's ``forward`` is
 redirected to ``training_step`` and a hook there would see the loss. The submodule is the one the user
 names (``logits_module="head"``) or, by default, discovered during the first call: the last submodule to
 finish its forward with a floating output of shape ``[batch, classes, ...]`` — for ``self.net =
-nn.Sequential(...)`` that is ``net``, whose output is the model's output.
+nn.Sequential(...)`` that is ``net``, whose output is the model's output. :class:`FeatureCapture` records the
+input of the classifier layer instead (the innermost module that produces those logits).
 """
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from torch import Tensor, nn
 from torch.nn.modules.loss import _Loss
@@ -47,10 +49,12 @@ class LogitsCapture:
         ('net', (5, 2))
     """
 
+    argument = "logits_module"  # the name of the user's argument, for error messages
+
     def __init__(self, logits_module: str | nn.Module | None = None) -> None:
         if logits_module is not None and not isinstance(logits_module, (str, nn.Module)):
             raise TypeError(
-                f"`logits_module` must be a submodule name, a submodule or None, got {type(logits_module).__name__}."
+                f"`{self.argument}` must be a submodule name, a submodule or None, got {type(logits_module).__name__}."
             )
         self.name: str | None = logits_module if isinstance(logits_module, str) else None
         self._module: nn.Module | None = logits_module if isinstance(logits_module, nn.Module) else None
@@ -65,7 +69,7 @@ class LogitsCapture:
             return root.get_submodule(self.name)
         except AttributeError:
             raise ValueError(
-                f"`logits_module={self.name!r}` is not a submodule of {type(root).__name__}. "
+                f"`{self.argument}={self.name!r}` is not a submodule of {type(root).__name__}. "
                 f"Its submodules are: {_candidate_names(root)}."
             ) from None
 
@@ -78,7 +82,7 @@ class LogitsCapture:
             raise RuntimeError("The logits module is not discovered yet: record one forward first.")
         name = next((n for n, sub in root.named_modules() if sub is module), None)
         if name is None:
-            raise ValueError(f"`logits_module` is not a submodule of {type(root).__name__}.")
+            raise ValueError(f"`{self.argument}` is not a submodule of {type(root).__name__}.")
         return name
 
     @contextmanager
@@ -122,17 +126,99 @@ class LogitsCapture:
         record.outputs.extend(out for name, out in finished if name == self.name)
 
 
-class _Record:
-    """The outputs the logits module produced inside one ``recording`` block."""
+class FeatureCapture(LogitsCapture):
+    """Record the features the model's classifier reads: the input of its classifier layer.
 
-    def __init__(self) -> None:
+    Args:
+        feature_module: the dotted name of the layer whose input is the features (``"net.4"``, ``"head"``),
+            the layer itself, or ``None`` to discover it on first use: the innermost submodule whose output is
+            the logits (the output :class:`LogitsCapture` finds) — for ``nn.Sequential(..., nn.Linear(8, 2))``
+            the last ``Linear``, whose input is the penultimate representation.
+
+    Example::
+
+        >>> import torch
+        >>> root = nn.ModuleDict({"net": nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))})
+        >>> capture = FeatureCapture()
+        >>> with capture.recording(root, batch_size=5) as record:
+        ...     _ = root["net"](torch.randn(5, 3))
+        >>> capture.name, tuple(record.features.shape)
+        ('net.2', (5, 8))
+    """
+
+    argument = "feature_module"
+
+    def __init__(self, feature_module: str | nn.Module | None = None) -> None:
+        super().__init__(feature_module)
+
+    @contextmanager
+    def recording(self, root: nn.Module, batch_size: int | None = None) -> Iterator["_Record"]:
+        """Hook the feature module of ``root`` for the duration of the block; ``record.features`` is its input."""
+        record = _Record(self.argument)
+        module = self.module(root)
+        if module is not None:
+            handle = module.register_forward_pre_hook(
+                lambda _m, args: record.outputs.append(self._features_in(args, batch_size))
+            )
+            try:
+                yield record
+            finally:
+                handle.remove()
+            return
+
+        calls: list[tuple[str, tuple, Tensor]] = []
+        handles = [
+            sub.register_forward_hook(
+                lambda _m, args, out, name=name: (
+                    calls.append((name, args, out)) if _looks_like_logits(out, batch_size) else None
+                )
+            )
+            for name, sub in root.named_modules()
+            if name and not isinstance(sub, (_Loss, Metric))
+        ]
+        try:
+            yield record
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not calls:
+            raise RuntimeError(
+                f"Could not find the classifier layer of {type(root).__name__}: no submodule returned a floating "
+                "tensor of shape [batch, classes]. Pass `feature_module=` naming the layer whose input is the "
+                f"features, one of {_candidate_names(root)}."
+            )
+        logits = calls[-1][2]
+        self.name = next(name for name, _, out in calls if out is logits)  # the innermost producer of the logits
+        record.outputs.extend(self._features_in(args, batch_size) for name, args, _ in calls if name == self.name)
+
+    def _features_in(self, args: tuple[Any, ...], batch_size: int | None) -> Tensor:
+        features = args[0] if args else None
+        if not _looks_like_logits(features, batch_size):
+            raise ValueError(
+                f"The input of the feature module {self.name or type(self._module).__name__!r} is not a floating "
+                "tensor of shape [batch, features, ...]. Pass `feature_module=` naming the classifier layer, whose "
+                "input is the features."
+            )
+        return features
+
+
+class _Record:
+    """The outputs the logits module produced (or the inputs the feature module read) inside one block."""
+
+    def __init__(self, argument: str = "logits_module") -> None:
+        self.argument = argument
         self.outputs: list[Tensor] = []
 
     @property
     def logits(self) -> Tensor:
+        """The last output of the logits module (the last input of the feature module)."""
         if not self.outputs:
             raise RuntimeError(
-                "The logits module did not run during this step. Check `logits_module=`: it must be the "
-                "submodule that computes the model's output."
+                f"The {self.argument.replace('_', ' ')} did not run during this step. Check `{self.argument}=`: it "
+                "must be a submodule the model's forward runs."
             )
         return self.outputs[-1]
+
+    @property
+    def features(self) -> Tensor:
+        return self.logits

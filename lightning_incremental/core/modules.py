@@ -1,10 +1,14 @@
 """Copies of the user's model for methods that keep an old model (LwF, iCaRL, weight merging)."""
 
 import copy
+from typing import Any
 
-from torch import nn
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor, nn
 
 from lightning_incremental.core.callback import _CHAIN_ATTRIBUTE
+from lightning_incremental.core.logits import LogitsCapture
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
@@ -30,3 +34,61 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     clone.eval()
     clone.requires_grad_(False)
     return clone
+
+
+class OldModel:
+    """The frozen copy of the model a distillation method keeps from the last task end (LwF, iCaRL).
+
+    ``keep`` replaces the copy (one copy, never one per task). The copy's weights go into the method's
+    ``state_dict`` (:meth:`state_dict`); a loaded state is materialized as a copy of the live model with the
+    saved weights at the next ``on_fit_start`` (:meth:`materialize`), once the model is known.
+
+    >>> old = OldModel()
+    >>> old.keep(nn.Linear(2, 3))
+    >>> restored = OldModel()
+    >>> restored.load_state_dict(old.state_dict())
+    >>> restored.module is None, sorted(restored.state_dict())
+    (True, ['bias', 'weight'])
+    """
+
+    def __init__(self) -> None:
+        self.module: nn.Module | None = None
+        self._saved_weights: dict[str, Tensor] | None = None  # from a checkpoint, until the model is known
+        self._capture: LogitsCapture | None = None
+
+    def keep(self, model: nn.Module) -> None:
+        """Replace the old model by a frozen copy of ``model``."""
+        self.module, self._saved_weights = frozen_copy(model), None
+
+    def materialize(self, pl_module: LightningModule) -> None:
+        """Build the old model from loaded weights (a copy of ``pl_module``) and put it on the model's device."""
+        if self._saved_weights is not None:
+            self.module = frozen_copy(pl_module)
+            self.module.load_state_dict(self._saved_weights)
+            self._saved_weights = None
+        if self.module is not None:
+            self.module.to(pl_module.device)
+
+    def logits(self, trainer: Trainer, inputs: Any, batch_size: int, logits_name: str) -> Tensor:
+        """The old model's logits for ``inputs`` (the output of its module ``logits_name``), without gradient
+        and under the live model's precision context."""
+        if self.module is None:
+            raise RuntimeError("There is no old model before the first task ends.")
+        if self._capture is None:
+            self._capture = LogitsCapture(logits_name)
+        with (
+            torch.no_grad(),
+            trainer.precision_plugin.forward_context(),
+            self._capture.recording(self.module, batch_size=batch_size) as record,
+        ):
+            self.module(inputs)
+        return record.logits
+
+    def state_dict(self) -> dict[str, Tensor] | None:
+        """The old model's weights on the CPU, or ``None`` before the first task ends."""
+        if self.module is not None:
+            return {name: t.detach().cpu() for name, t in self.module.state_dict().items()}
+        return self._saved_weights
+
+    def load_state_dict(self, weights: dict[str, Tensor] | None) -> None:
+        self.module, self._saved_weights = None, weights

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from lightning_incremental.core.batch import batch_size_of, split_inputs, task_labels_of
 from lightning_incremental.core.callback import ContinualCallback, StepFn, add_to_loss
 from lightning_incremental.core.logits import LogitsCapture
-from lightning_incremental.core.modules import frozen_copy
+from lightning_incremental.core.modules import OldModel
 
 
 def distillation_loss(new_logits: Tensor, old_logits: Tensor, temperature: float) -> Tensor:
@@ -78,22 +78,20 @@ class LwF(ContinualCallback):
             raise ValueError(f"`temperature` must be > 0, got {temperature}.")
         self.alpha, self.temperature = float(alpha), float(temperature)
         self.capture = LogitsCapture(logits_module)
-        self.old_model: nn.Module | None = None
+        self.old = OldModel()
         self.old_tasks: list[list[int]] = []  # the classes of every completed task ([] when unknown)
-        self._old_capture: LogitsCapture | None = None
-        self._saved_old_weights: dict[str, Tensor] | None = None  # from a checkpoint, until the model is known
+
+    @property
+    def old_model(self) -> nn.Module | None:
+        """The frozen copy of the model at the last task end (``None`` before the first task ends)."""
+        return self.old.module
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._saved_old_weights is not None:
-            self.old_model = frozen_copy(pl_module)
-            self.old_model.load_state_dict(self._saved_old_weights)
-            self._saved_old_weights = None
-        if self.old_model is not None:
-            self.old_model.to(pl_module.device)
+        self.old.materialize(pl_module)
         super().on_fit_start(trainer, pl_module)
 
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.old_model = frozen_copy(pl_module)
+        self.old.keep(pl_module)
         self.old_tasks.append(list(self.task.classes) if self.task is not None else [])
 
     def wrap_training_step(self, trainer: Trainer, pl_module: LightningModule, batch: Any, step: StepFn) -> STEP_OUTPUT:
@@ -102,15 +100,8 @@ class LwF(ContinualCallback):
         size = batch_size_of(batch)
         with self.capture.recording(pl_module, batch_size=size) as record:
             output = step(batch)
-        if self._old_capture is None:
-            self._old_capture = LogitsCapture(self.capture.name_in(pl_module))
-        with (
-            torch.no_grad(),
-            trainer.precision_plugin.forward_context(),
-            self._old_capture.recording(self.old_model, batch_size=size) as old_record,
-        ):
-            self.old_model(split_inputs(batch))
-        new_logits, old_logits = record.logits[:size], old_record.logits
+        old_logits = self.old.logits(trainer, split_inputs(batch), size, self.capture.name_in(pl_module))
+        new_logits = record.logits[:size]
         term = self.alpha * sum(
             distillation_loss(new_logits[:, columns], old_logits[:, columns], self.temperature)
             for columns in self._heads(batch, old_logits.shape[1])
@@ -128,12 +119,9 @@ class LwF(ContinualCallback):
         return [slice(None)] if len(seen) == num_outputs else [torch.tensor(seen)]
 
     def state_dict(self) -> dict[str, Any]:
-        old_weights = self._saved_old_weights
-        if self.old_model is not None:
-            old_weights = {name: t.detach().cpu() for name, t in self.old_model.state_dict().items()}
-        return {**super().state_dict(), "old_tasks": self.old_tasks, "old_model": old_weights}
+        return {**super().state_dict(), "old_tasks": self.old_tasks, "old_model": self.old.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.old_tasks = [list(map(int, classes)) for classes in state_dict["old_tasks"]]
-        self.old_model, self._saved_old_weights = None, state_dict["old_model"]
+        self.old.load_state_dict(state_dict["old_model"])

@@ -1,0 +1,189 @@
+"""iCaRL: herding picks representative exemplars, the memory is split evenly over the classes seen and shrinks
+by herding prefix, the training step sees replayed exemplars and a distillation term, the nearest mean of
+exemplars classifies as by hand, the state survives a checkpoint bit for bit, and bad arguments are named."""
+
+import io
+import itertools
+
+import lightning as L
+import pytest
+import torch
+from harness import assert_same_state, train_loader, trainer
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+from lightning_incremental import ContinualEvaluation
+from lightning_incremental.methods.distillation.lwf import distillation_loss
+from lightning_incremental.methods.replay import ICaRL
+from lightning_incremental.methods.replay.icarl import herding
+from lightning_incremental.models import MLPClassifier
+from lightning_incremental.scenarios import LabeledTensorDataset
+
+
+def _fit_tasks(model, icarl, tasks, epochs=1, **trainer_kwargs):
+    for task in tasks:
+        trainer(epochs, [icarl], **trainer_kwargs).fit(model, train_loader(task))
+
+
+# ---------------------------------------------------------------------------------------------- herding
+def test_herding_picks_exemplars_whose_mean_is_closer_to_the_class_mean_than_random_subsets():
+    generator = torch.Generator().manual_seed(0)
+    features = F.normalize(torch.randn(300, 16, generator=generator) + torch.linspace(0, 2, 16), dim=1)
+    class_mean = features.mean(dim=0)
+    m = 10
+    order = herding(features, m)
+    assert order.unique().numel() == m  # no row twice
+    herded = float((features[order].mean(dim=0) - class_mean).norm())
+    random_errors = torch.tensor(
+        [
+            float((features[torch.randperm(300, generator=generator)[:m]].mean(dim=0) - class_mean).norm())
+            for _ in range(1000)
+        ]
+    )
+    assert herded < float(random_errors.quantile(0.01)), (herded, float(random_errors.quantile(0.01)))
+    assert herded < 0.5 * float(random_errors.median())  # 0.074 against a median of 0.19 here
+    # every prefix is a good exemplar set of its size: the herded error falls as exemplars are added
+    prefix_errors = [float((features[order[:k]].mean(dim=0) - class_mean).norm()) for k in (1, 3, 10)]
+    assert prefix_errors == sorted(prefix_errors, reverse=True)
+
+
+def test_herding_on_a_hand_example():
+    features = torch.tensor([[0.0], [1.0], [2.0], [10.0]])  # mean 3.25
+    assert herding(features, 3).tolist() == [2, 1, 3]  # 2 (d 1.25); 2, 1 (1.5) ; then 10 (13 / 3 = 4.33)
+    assert herding(features, 10).tolist() == [2, 1, 3, 0]  # at most every row, once
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def test_exemplars_per_class_are_buffer_size_over_classes_seen_and_shrink_by_herding_prefix(split_stream):
+    L.seed_everything(0, verbose=False)
+    model, icarl = MLPClassifier(16, 6, hidden=(16,), lr=1e-2), ICaRL(buffer_size=20)
+    counts, snapshots = [], []
+    for task in split_stream:
+        _fit_tasks(model, icarl, [task])
+        counts.append({c: len(rows[0]) for c, rows in zip(icarl.classes, icarl.exemplars, strict=True)})
+        snapshots.append({c: rows[0].clone() for c, rows in zip(icarl.classes, icarl.exemplars, strict=True)})
+        for c, rows in zip(icarl.classes, icarl.exemplars, strict=True):
+            assert rows[1].tolist() == [c] * len(rows[1])  # labels travel with their rows
+            train = split_stream[c // 2].train
+            inputs = torch.stack([train[i][0] for i in range(len(train))])
+            assert all((inputs == row).all(dim=1).any() for row in rows[0])  # real training rows, in their dtype
+            assert rows[0].dtype == inputs.dtype
+    assert counts == [{0: 10, 1: 10}, dict.fromkeys(range(4), 5), dict.fromkeys(range(6), 3)]  # 20 // 6 = 3
+    for before, after in itertools.pairwise(snapshots):
+        for c, rows in after.items():
+            if c in before:  # an old class keeps the prefix of its herding order
+                torch.testing.assert_close(rows, before[c][: len(rows)], atol=0, rtol=0)
+    assert tuple(icarl.class_means.shape) == (6, 16)
+    torch.testing.assert_close(icarl.class_means.norm(dim=1), torch.ones(6))
+
+
+def test_training_step_sees_replayed_exemplars_and_pays_the_distillation_on_old_classes(split_stream):
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    losses: list[float] = []
+
+    class Recording(MLPClassifier):
+        def training_step(self, batch, batch_idx):
+            seen.append((batch[0].clone(), batch[1].clone()))
+            return super().training_step(batch, batch_idx)
+
+    class LossOf(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    L.seed_everything(0, verbose=False)
+    model = Recording(16, 6, hidden=(8,), lr=0.0)  # fixed weights: every term can be recomputed
+    icarl = ICaRL(buffer_size=12, alpha=0.7, temperature=2.0, ratio=0.5)
+    _fit_tasks(model, icarl, [split_stream[0]])
+    old_model = icarl.old_model  # replaced at the end of the next task
+    with torch.no_grad():
+        old_model.net[-1].bias += torch.tensor([1.0, -1.0, 5.0, 5.0, 5.0, 5.0])  # only columns 0, 1 count
+    seen.clear()
+    trainer(1, [icarl, LossOf()]).fit(model, train_loader(split_stream[1]))
+    current = list(train_loader(split_stream[1]))
+    assert len(seen) == len(current) == len(losses)
+    with torch.no_grad():
+        for (x, y), (x_now, y_now), loss in zip(seen, current, losses, strict=True):
+            assert len(x) == len(x_now) + 4  # ratio 0.5 of a batch of 8
+            torch.testing.assert_close(x[:8], x_now, atol=0, rtol=0)
+            torch.testing.assert_close(y[:8], y_now, atol=0, rtol=0)
+            assert set(y[8:].tolist()) <= {0, 1} and x.dtype == x_now.dtype  # exemplars of the old classes
+            new, old = model(x), old_model(x)
+            expected = F.cross_entropy(new, y) + 0.7 * distillation_loss(new[:, [0, 1]], old[:, [0, 1]], 2.0)
+            assert loss == pytest.approx(float(expected), abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- NME
+def test_nearest_mean_of_exemplars_equals_the_hand_computation():
+    model = MLPClassifier(2, 3, hidden=(2,), lr=0.0)  # features: relu(x), the input of the last Linear
+    with torch.no_grad():
+        model.net[0].weight.copy_(torch.eye(2))
+        model.net[0].bias.zero_()
+    data = LabeledTensorDataset(torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]]), torch.tensor([0, 0, 1]))
+    icarl = ICaRL(buffer_size=4)  # 2 per class: every row is kept
+    trainer(1, [icarl]).fit(model, DataLoader(data, batch_size=3))
+    # class 0: mean of (1, 0) and (0.7071, 0.7071) = (0.8536, 0.3536), normalised (0.9239, 0.3827); class 1: (0, 1)
+    torch.testing.assert_close(icarl.class_means, torch.tensor([[0.9239, 0.3827], [0.0, 1.0]]), atol=1e-4, rtol=0)
+    # x = (1, 0.2), normalised (0.9806, 0.1961): distance 0.1950 to class 0, 1.2680 to class 1; class 2 unseen
+    scores = icarl.predict(model.eval(), (torch.tensor([[1.0, 0.2]]), torch.tensor([0])))
+    assert scores.shape == (1, 3)
+    torch.testing.assert_close(scores[0, :2], torch.tensor([-0.1950, -1.2680]), atol=1e-3, rtol=0)
+    assert scores[0, 2] == float("-inf")
+
+
+def test_before_the_first_task_ends_predict_gives_the_logits_and_evaluation_uses_nme(split_stream):
+    L.seed_everything(0, verbose=False)
+    model, icarl = MLPClassifier(16, 6, hidden=(16,), lr=1e-2), ICaRL(buffer_size=30)
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(icarl.predict(model, (x, torch.zeros(4))), model(x).detach(), atol=0, rtol=0)
+    evaluation = ContinualEvaluation(split_stream, predict=icarl.predict)
+    for task in split_stream:
+        trainer(2, [icarl, evaluation]).fit(model, train_loader(task))
+    assert evaluation.result().summary()["acc"] > 0.8
+    scores = icarl.predict(model.eval(), (x, torch.zeros(4)))
+    assert torch.isfinite(scores).all() and scores.shape == (4, 6)
+
+
+# ---------------------------------------------------------------------------------------------- state
+def test_state_round_trip_is_bit_for_bit(split_stream):
+    L.seed_everything(0, verbose=False)
+    model, icarl = MLPClassifier(16, 6, hidden=(16,), lr=1e-2), ICaRL(buffer_size=20)
+    _fit_tasks(model, icarl, list(split_stream)[:2])
+    state = icarl.state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    restored = ICaRL(buffer_size=20)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert_same_state(state, restored.state_dict())
+    assert restored.classes == [0, 1, 2, 3] and [len(rows[0]) for rows in restored.exemplars] == [5, 5, 5, 5]
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(restored.predict(model, (x, None)), icarl.predict(model, (x, None)), atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"buffer_size": 0}, "buffer_size"),
+        ({"buffer_size": -5}, "buffer_size"),
+        ({"buffer_size": 2.5}, "buffer_size"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"ratio": 0.0}, "ratio"),
+        ({"replay_batch_size": 0}, "replay_batch_size"),
+    ],
+)
+def test_bad_arguments_raise_value_errors_naming_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        ICaRL(**kwargs)
+
+
+def test_unusable_setups_fail_with_the_argument_and_the_fix(split_stream):
+    model = MLPClassifier(16, 6, hidden=(8,))
+    with pytest.raises(ValueError, match=r"`feature_module='classifier'` is not a submodule.*net\.2"):
+        trainer(1, [ICaRL(feature_module="classifier")]).fit(model, train_loader(split_stream[0]))
+    unlabelled = DataLoader(torch.randn(16, 16), batch_size=8)
+    with pytest.raises(ValueError, match="labelled batches"):
+        trainer(1, [ICaRL()]).fit(model, unlabelled)
+    with pytest.raises(ValueError, match=r"`buffer_size=1` leaves no exemplar for 2 classes"):
+        trainer(1, [ICaRL(buffer_size=1)]).fit(model, train_loader(split_stream[0]))
