@@ -2,8 +2,9 @@
 
 Put one in your model as its last layer and add :class:`GrowHeads` to the Trainer: at the start of every task
 it grows the head to the task's classes, before ``configure_optimizers`` runs, so the optimizer your
-LightningModule builds holds the new parameters. Both heads resize themselves when a checkpoint with more
-classes or heads is loaded into them, so resuming needs nothing special.
+LightningModule builds holds the new parameters. Both heads take the classes and heads of a state dict loaded
+into them (more or fewer than they hold), so resuming needs nothing special and a grown model's frozen copy
+can hold an earlier task's weights (LwF, iCaRL).
 """
 
 import math
@@ -61,8 +62,9 @@ class IncrementalClassifier(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         saved = state_dict.get(prefix + "weight")
-        if saved is not None:
-            self.grow(saved.shape[0])
+        if saved is not None and saved.shape[0] != self.num_classes:  # take the saved size: grown or earlier
+            self.weight = nn.Parameter(self.weight.new_empty(saved.shape[0], self.in_features))
+            self.bias = nn.Parameter(self.bias.new_empty(saved.shape[0]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -132,9 +134,14 @@ class MultiHeadClassifier(nn.Module):
         return logits.masked_fill(~allowed.to(logits.device)[task_labels], float("-inf"))
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        saved_heads = {}
         for key, value in state_dict.items():
             if key.startswith(prefix + "heads.") and key.endswith(".classes"):
-                self.add_head(int(key[len(prefix + "heads.") :].split(".")[0]), value.tolist())
+                saved_heads[key[len(prefix + "heads.") :].split(".")[0]] = value.tolist()
+        for key in [key for key in self.heads if key not in saved_heads]:  # heads grown after the save
+            del self.heads[key]
+        for key, classes in saved_heads.items():
+            self.add_head(int(key), classes)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

@@ -115,15 +115,37 @@ def test_lwf_names_the_logits_module_it_cannot_find(split_stream):
 
 
 # ---------------------------------------------------------------------------------------------- heads
-def test_incremental_classifier_keeps_old_rows_and_grows_to_a_checkpoint_it_loads():
+def test_incremental_classifier_keeps_old_rows_and_takes_the_size_of_a_checkpoint_it_loads():
     head = IncrementalClassifier(3, 2)
-    old = head.weight.detach().clone()
+    old = {name: t.detach().clone() for name, t in head.state_dict().items()}
     head.grow(4)
     head.grow(3)  # never shrinks
-    assert head.num_classes == 4 and torch.equal(head.weight[:2], old)
+    assert head.num_classes == 4 and torch.equal(head.weight[:2], old["weight"])
     fresh = IncrementalClassifier(3, 0)
     fresh.load_state_dict(head.state_dict())
     assert torch.equal(fresh.weight, head.weight) and torch.equal(fresh.bias, head.bias)
+    fresh.load_state_dict(old)  # an earlier, smaller state: the head is that state again
+    assert fresh.num_classes == 2 and torch.equal(fresh.weight, old["weight"])
+
+
+def test_lwf_resumed_between_tasks_keeps_the_smaller_old_model_of_a_grown_head(tmp_path):
+    stream = synthetic_stream(n_tasks=2, classes_per_task=2)
+    L.seed_everything(0, verbose=False)
+    model, lwf = MLPClassifier(16, 0, hidden=(8,), head="incremental"), LwF()
+    fit = trainer(1, [GrowHeads(), lwf])
+    fit.fit(model, train_loader(stream[0]))
+    fit.save_checkpoint(tmp_path / "task0.ckpt")
+    fresh, restored = MLPClassifier(16, 0, hidden=(8,), head="incremental"), LwF()
+    load_task_checkpoint(tmp_path / "task0.ckpt", fresh, [GrowHeads(), restored])
+    x, seen = torch.randn(5, 16), []
+
+    class _OldOutputs(L.Callback):  # the next task's old model: task 0's two classes in a grown model's copy
+        def on_train_start(self, trainer, pl_module):
+            seen.append((pl_module.head.num_classes, restored.old_model(x)))
+
+    trainer(1, [GrowHeads(), restored, _OldOutputs()], max_steps=2).fit(fresh, train_loader(stream[1]))
+    assert seen[0][0] == 4 and seen[0][1].shape == (5, 2)
+    torch.testing.assert_close(seen[0][1], lwf.old_model(x), atol=0, rtol=0)
 
 
 def test_grow_heads_adds_classes_the_optimizer_trains_and_ewc_pads_their_importance():

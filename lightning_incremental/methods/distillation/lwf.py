@@ -101,7 +101,7 @@ class LwF(ContinualCallback):
         with self.capture.recording(pl_module, batch_size=size) as record:
             output = step(batch)
         old_logits = self.old.logits(trainer, split_inputs(batch), size, self.capture.name_in(pl_module))
-        new_logits = record.logits[:size]
+        new_logits = record.logits[:size, : old_logits.shape[1]]  # columns past the old model's: grown classes
         term = self.alpha * sum(
             distillation_loss(new_logits[:, columns], old_logits[:, columns], self.temperature)
             for columns in self._heads(batch, old_logits.shape[1])
