@@ -23,9 +23,9 @@ GRID: Grid = {
             f"{policy} {fill} ratio {ratio:g}",
             lambda p=policy, f=fill, r=ratio: [ExperienceReplay(policy=p, fill=f, ratio=r)],
         )
-        for policy in ("reservoir", "class_balanced")
+        for policy in ("reservoir", "class_balanced", "task_balanced")
         for fill in FILLS
-        for ratio in (1, 2, 4)
+        for ratio in (1, 2, 4, 8)
     ],
     "der": [(f"alpha {a:g} {fill}", lambda a=a, f=fill: [DER(alpha=a, fill=f)]) for a in (0.3, 1.0) for fill in FILLS],
     "derpp": [
@@ -33,6 +33,10 @@ GRID: Grid = {
         for a in (0.3, 1.0)
         for b in (0.5, 1.0)
         for fill in ("stream", "task_end")
+    ]
+    + [
+        (f"alpha 0.3 beta 1 {policy} task_end", lambda p=policy: [DER(alpha=0.3, beta=1.0, policy=p, fill="task_end")])
+        for policy in ("class_balanced", "task_balanced")
     ],
     "agem": [(f"sample {k}", lambda k=k: [AGEM(sample_size=k)]) for k in (64, 200)],
 }

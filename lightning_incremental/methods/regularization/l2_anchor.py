@@ -18,8 +18,8 @@ class L2Anchor(QuadraticPenalty):
     optimizer step.
 
     Args:
-        lambda_: penalty strength (>= 0). Default ``0.01``, the best of the sweep in
-            ``benchmarks/sweep_regularization.py`` (0.01 … 1, permuted digits).
+        lambda_: penalty strength (>= 0). Default ``0.1``, the best mean final accuracy of the sweep in
+            ``benchmarks/sweep_regularization.py`` (permuted digits, 5 seeds): 0.569 (0.01: 0.558, 1: 0.412).
         consolidate_every_n_steps: also move the anchor every N optimizer steps (task-free use).
 
     Example::
@@ -35,7 +35,7 @@ class L2Anchor(QuadraticPenalty):
         True
     """
 
-    def __init__(self, lambda_: float = 0.01, consolidate_every_n_steps: int | None = None) -> None:
+    def __init__(self, lambda_: float = 0.1, consolidate_every_n_steps: int | None = None) -> None:
         super().__init__(lambda_, consolidate_every_n_steps)
 
     def consolidate(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -20,8 +20,9 @@ class MAS(SampledImportance):
     at the latest weights, and the gradient ``lambda * Omega * (theta - theta*)`` is added before every
     optimizer step.
 
-    Defaults (``lambda_=0.1``, ``alpha=0.5``) are the best of the sweep in
-    ``benchmarks/sweep_regularization.py`` (lambda 0.03 … 1000, permuted digits). The importance is in
+    Defaults (``lambda_=0.1``, ``alpha=0.5``) are the best mean final accuracy of the sweep in
+    ``benchmarks/sweep_regularization.py`` (permuted digits, 5 seeds): 0.651 against naive fine-tuning's
+    0.485 (lambda 0.03: 0.638, 0.3: 0.616). The importance is in
     units of the squared logits, much larger than a Fisher: MAS's lambda is correspondingly small.
 
     Args:

@@ -25,8 +25,9 @@ class SI(QuadraticPenalty):
     The bookkeeping is three fused passes per step (a copy of the weights before the step, then
     ``omega += g * (theta_before - theta_after)``), on the parameters' device.
 
-    Defaults (``lambda_=50``, ``epsilon=1.0``) are the best of the sweep in
-    ``benchmarks/sweep_regularization.py`` (lambda 1 … 1000, epsilon 1e-3 … 1, permuted digits).
+    Defaults (``lambda_=100``, ``epsilon=1.0``) are the best mean final accuracy of the sweep in
+    ``benchmarks/sweep_regularization.py`` (permuted digits, 5 seeds): 0.663 against naive fine-tuning's
+    0.485 (lambda 50: 0.646, 200: 0.650; epsilon 0.1 with lambda 20: 0.659).
 
     Args:
         lambda_: penalty strength (>= 0).
@@ -48,7 +49,7 @@ class SI(QuadraticPenalty):
     """
 
     def __init__(
-        self, lambda_: float = 50.0, epsilon: float = 1.0, consolidate_every_n_steps: int | None = None
+        self, lambda_: float = 100.0, epsilon: float = 1.0, consolidate_every_n_steps: int | None = None
     ) -> None:
         super().__init__(lambda_, consolidate_every_n_steps)
         if not epsilon > 0:

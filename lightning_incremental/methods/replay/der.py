@@ -29,7 +29,9 @@ class DER(ReplayMethod):
     ``alpha=1.0`` (0.873 / 0.933; 0.812 / 0.934 at 0.3); DER++ is best at ``alpha=0.3, beta=1.0``
     (0.956 / 0.948), the registry's ``derpp``. Storing logits as rows are trained on (the default) beats
     storing them at task end on the split (0.873 vs 0.846), where the task-end logits of a pair of classes
-    say nothing about the others.
+    say nothing about the others. On a domain-incremental stream the opposite holds: DER++ with a class- or
+    task-balanced buffer filled at task end reaches 0.955 on the permuted stream (3 seeds; 0.927 on the
+    split), so pass ``policy="class_balanced", fill="task_end"`` there.
 
     Args:
         buffer_size: rows the buffer holds (over all DDP ranks).
