@@ -30,6 +30,26 @@ def _looks_like_logits(output: object, batch_size: int | None) -> bool:
     )
 
 
+@contextmanager
+def _calls_returning_logits(root: nn.Module, batch_size: int | None) -> Iterator[list[tuple[str, tuple, Tensor]]]:
+    """Inside the block, record ``(name, inputs, output)`` of every submodule call whose output looks like logits."""
+    calls: list[tuple[str, tuple, Tensor]] = []
+    handles = [
+        sub.register_forward_hook(
+            lambda _m, args, out, name=name: (
+                calls.append((name, args, out)) if _looks_like_logits(out, batch_size) else None
+            )
+        )
+        for name, sub in root.named_modules()
+        if name and not isinstance(sub, (_Loss, Metric))
+    ]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class LogitsCapture:
     """Record the output of the model's logits module while a piece of code runs.
 
@@ -101,29 +121,16 @@ class LogitsCapture:
                 handle.remove()
             return
 
-        finished: list[tuple[str, Tensor]] = []
-        handles = [
-            sub.register_forward_hook(
-                lambda _m, _i, out, name=name: (
-                    finished.append((name, out)) if _looks_like_logits(out, batch_size) else None
-                )
-            )
-            for name, sub in root.named_modules()
-            if name and not isinstance(sub, (_Loss, Metric))
-        ]
-        try:
+        with _calls_returning_logits(root, batch_size) as calls:
             yield record
-        finally:
-            for handle in handles:
-                handle.remove()
-        if not finished:
+        if not calls:
             raise RuntimeError(
                 f"Could not find the module that produces the logits of {type(root).__name__}: no submodule "
                 "returned a floating tensor of shape [batch, classes]. Pass `logits_module=` naming one of "
                 f"{_candidate_names(root)}."
             )
-        self.name = finished[-1][0]
-        record.outputs.extend(out for name, out in finished if name == self.name)
+        self.name = calls[-1][0]
+        record.outputs.extend(out for name, _, out in calls if name == self.name)
 
 
 class FeatureCapture(LogitsCapture):
@@ -166,21 +173,8 @@ class FeatureCapture(LogitsCapture):
                 handle.remove()
             return
 
-        calls: list[tuple[str, tuple, Tensor]] = []
-        handles = [
-            sub.register_forward_hook(
-                lambda _m, args, out, name=name: (
-                    calls.append((name, args, out)) if _looks_like_logits(out, batch_size) else None
-                )
-            )
-            for name, sub in root.named_modules()
-            if name and not isinstance(sub, (_Loss, Metric))
-        ]
-        try:
+        with _calls_returning_logits(root, batch_size) as calls:
             yield record
-        finally:
-            for handle in handles:
-                handle.remove()
         if not calls:
             raise RuntimeError(
                 f"Could not find the classifier layer of {type(root).__name__}: no submodule returned a floating "
