@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 from torch.nn.modules.loss import _Loss
+from torch.utils.hooks import RemovableHandle
 from torchmetrics import Metric
 
 
@@ -107,14 +108,15 @@ class LogitsCapture:
 
     @contextmanager
     def recording(self, root: nn.Module, batch_size: int | None = None) -> Iterator["_Record"]:
-        """Hook the logits module of ``root`` for the duration of the block; the record holds its outputs.
+        """Hook the logits module of ``root`` for the duration of the block; the record holds its outputs
+        (:class:`FeatureCapture`: the inputs of the feature module).
 
         ``batch_size`` guides discovery: only outputs with that many rows count as logits.
         """
-        record = _Record()
+        record = _Record(self.argument)
         module = self.module(root)
         if module is not None:
-            handle = module.register_forward_hook(lambda _m, _i, out: record.outputs.append(out))
+            handle = self._hook(module, record, batch_size)
             try:
                 yield record
             finally:
@@ -124,11 +126,22 @@ class LogitsCapture:
         with _calls_returning_logits(root, batch_size) as calls:
             yield record
         if not calls:
-            raise RuntimeError(
-                f"Could not find the module that produces the logits of {type(root).__name__}: no submodule "
-                "returned a floating tensor of shape [batch, classes]. Pass `logits_module=` naming one of "
-                f"{_candidate_names(root)}."
-            )
+            raise RuntimeError(self._not_found(root))
+        self._adopt(calls, record, batch_size)
+
+    def _hook(self, module: nn.Module, record: "_Record", batch_size: int | None) -> RemovableHandle:
+        """Record what the block's calls of the named ``module`` produce."""
+        return module.register_forward_hook(lambda _m, _i, out: record.outputs.append(out))
+
+    def _not_found(self, root: nn.Module) -> str:
+        return (
+            f"Could not find the module that produces the logits of {type(root).__name__}: no submodule "
+            "returned a floating tensor of shape [batch, classes]. Pass `logits_module=` naming one of "
+            f"{_candidate_names(root)}."
+        )
+
+    def _adopt(self, calls: list[tuple[str, tuple, Tensor]], record: "_Record", batch_size: int | None) -> None:
+        """Discovery: name the last module that returned logits, and record its outputs."""
         self.name = calls[-1][0]
         record.outputs.extend(out for name, _, out in calls if name == self.name)
 
@@ -158,31 +171,22 @@ class FeatureCapture(LogitsCapture):
     def __init__(self, feature_module: str | nn.Module | None = None) -> None:
         super().__init__(feature_module)
 
-    @contextmanager
-    def recording(self, root: nn.Module, batch_size: int | None = None) -> Iterator["_Record"]:
-        """Hook the feature module of ``root`` for the duration of the block; ``record.features`` is its input."""
-        record = _Record(self.argument)
-        module = self.module(root)
-        if module is not None:
-            handle = module.register_forward_pre_hook(
-                lambda _m, args: record.outputs.append(self._features_in(args, batch_size))
-            )
-            try:
-                yield record
-            finally:
-                handle.remove()
-            return
+    def _hook(self, module: nn.Module, record: "_Record", batch_size: int | None) -> RemovableHandle:
+        return module.register_forward_pre_hook(
+            lambda _m, args: record.outputs.append(self._features_in(args, batch_size))
+        )
 
-        with _calls_returning_logits(root, batch_size) as calls:
-            yield record
-        if not calls:
-            raise RuntimeError(
-                f"Could not find the classifier layer of {type(root).__name__}: no submodule returned a floating "
-                "tensor of shape [batch, classes]. Pass `feature_module=` naming the layer whose input is the "
-                f"features, one of {_candidate_names(root)}."
-            )
+    def _not_found(self, root: nn.Module) -> str:
+        return (
+            f"Could not find the classifier layer of {type(root).__name__}: no submodule returned a floating "
+            "tensor of shape [batch, classes]. Pass `feature_module=` naming the layer whose input is the "
+            f"features, one of {_candidate_names(root)}."
+        )
+
+    def _adopt(self, calls: list[tuple[str, tuple, Tensor]], record: "_Record", batch_size: int | None) -> None:
+        """Discovery: name the innermost module that produced the logits, and record its inputs."""
         logits = calls[-1][2]
-        self.name = next(name for name, _, out in calls if out is logits)  # the innermost producer of the logits
+        self.name = next(name for name, _, out in calls if out is logits)
         record.outputs.extend(self._features_in(args, batch_size) for name, args, _ in calls if name == self.name)
 
     def _features_in(self, args: tuple[Any, ...], batch_size: int | None) -> Tensor:
