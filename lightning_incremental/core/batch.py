@@ -138,8 +138,17 @@ def batch_leaves(batch: Any) -> list[Tensor]:
 def with_leaves(batch: Any, leaves: list[Tensor]) -> Any:
     """A batch of the same structure as ``batch`` whose tensors are ``leaves``, in :func:`batch_leaves` order.
 
+    A stored batch (replay, exemplars) whose number of tensors differs from ``batch``'s raises: every task
+    must yield batches of one structure.
+
     >>> with_leaves((torch.zeros(1), torch.zeros(1)), [torch.ones(2), torch.ones(2) * 3])
     (tensor([1., 1.]), tensor([3., 3.]))
     """
+    expected = len(batch_leaves(batch))
+    if len(leaves) != expected:
+        raise RuntimeError(
+            f"The stored rows are batches of {len(leaves)} tensors but this batch has {expected}: every task must "
+            "yield batches of the same structure."
+        )
     replacements = iter(leaves)
     return apply_to_collection(batch, Tensor, lambda _: next(replacements))

@@ -1,5 +1,6 @@
 """Learning without Forgetting, LwF (Li & Hoiem, 2016)."""
 
+import functools
 from typing import Any
 
 import torch
@@ -104,19 +105,14 @@ class LwF(ContinualCallback):
         new_logits = record.logits[:size, : old_logits.shape[1]]  # columns past the old model's: grown classes
         term = self.alpha * sum(
             distillation_loss(new_logits[:, columns], old_logits[:, columns], self.temperature)
-            for columns in self._heads(batch, old_logits.shape[1])
+            for columns in self._heads(batch, old_logits.shape[1], old_logits.device)
         )
         return add_to_loss(output, term)
 
-    def _heads(self, batch: Any, num_outputs: int) -> list[Tensor | slice]:
-        """The groups of output columns distilled separately."""
-        known = [classes for classes in self.old_tasks if classes]
-        if len(known) < len(self.old_tasks):  # some task without class metadata: every column, together
-            return [slice(None)]
-        if task_labels_of(batch) is not None:  # one head per old task
-            return [torch.tensor(classes) for classes in known]
-        seen = sorted({c for classes in known for c in classes})
-        return [slice(None)] if len(seen) == num_outputs else [torch.tensor(seen)]
+    def _heads(self, batch: Any, num_outputs: int, device: torch.device | str = "cpu") -> list[Tensor | slice]:
+        """The groups of output columns distilled separately, as indices on ``device``."""
+        old_tasks = tuple(tuple(classes) for classes in self.old_tasks)
+        return list(_column_groups(old_tasks, task_labels_of(batch) is not None, num_outputs, device))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "old_tasks": self.old_tasks, "old_model": self.old.state_dict()}
@@ -125,3 +121,17 @@ class LwF(ContinualCallback):
         super().load_state_dict(state_dict)
         self.old_tasks = [list(map(int, classes)) for classes in state_dict["old_tasks"]]
         self.old.load_state_dict(state_dict["old_model"])
+
+
+@functools.lru_cache(maxsize=16)
+def _column_groups(
+    old_tasks: tuple[tuple[int, ...], ...], multi_head: bool, num_outputs: int, device: torch.device | str
+) -> tuple[Tensor | slice, ...]:
+    """The column groups of :meth:`LwF._heads`, built once per (tasks, layout, device): no copy per step."""
+    known = [classes for classes in old_tasks if classes]
+    if len(known) < len(old_tasks):  # some task without class metadata: every column, together
+        return (slice(None),)
+    if multi_head:  # one head per old task
+        return tuple(torch.tensor(classes, device=device) for classes in known)
+    seen = sorted({c for classes in known for c in classes})
+    return (slice(None),) if len(seen) == num_outputs else (torch.tensor(seen, device=device),)

@@ -145,6 +145,7 @@ class ICaRL(ContinualCallback):
         self.class_means: Tensor | None = None  # [classes, features], normalised; row i is classes[i]
         self._input_leaf = self._target_leaf = 0  # which leaves of a batch are the inputs and the labels
         self._memory: list[Tensor] = []  # every exemplar's leaves, concatenated: what replay samples from
+        self._old_columns: Tensor | None = None  # `classes` on the model's device: the distilled logits
         self.generator = torch.Generator().manual_seed(seed)
 
     @property
@@ -172,7 +173,7 @@ class ICaRL(ContinualCallback):
         with self.capture.recording(pl_module, batch_size=size) as record:
             output = step(extended)
         old_logits = self.old.logits(trainer, split_inputs(extended), size, self.capture.name_in(pl_module))
-        columns = torch.tensor(self.classes, device=old_logits.device)
+        columns = self._old_columns
         term = self.alpha * distillation_loss(record.logits[:, columns], old_logits[:, columns], self.temperature)
         return add_to_loss(output, term)
 
@@ -275,6 +276,7 @@ class ICaRL(ContinualCallback):
     def _set_memory(self, device: torch.device) -> None:
         self.exemplars = [[leaf.to(device) for leaf in rows] for rows in self.exemplars]
         self._memory = [torch.cat(leaves) for leaves in zip(*self.exemplars, strict=True)] if self.exemplars else []
+        self._old_columns = torch.tensor(self.classes, dtype=torch.long, device=device)
 
     def _replay(self, like: Any, k: int, rank: int, world_size: int) -> Any:
         """``k`` exemplars drawn with replacement, as a batch of the same structure as ``like``.
@@ -282,11 +284,6 @@ class ICaRL(ContinualCallback):
         Every rank draws the same ``k * world_size`` indices and keeps its own slice of them: the ranks replay
         different exemplars and their generators stay identical.
         """
-        if len(self._memory) != len(batch_leaves(like)):
-            raise RuntimeError(
-                f"The exemplars are batches of {len(self._memory)} tensors but this batch has "
-                f"{len(batch_leaves(like))}: every task must yield batches of the same structure."
-            )
         drawn = torch.randint(len(self._memory[0]), (k * world_size,), generator=self.generator)
         index = drawn[rank::world_size].to(self._memory[0].device, non_blocking=True)
         return with_leaves(like, [leaf.index_select(0, index) for leaf in self._memory])
