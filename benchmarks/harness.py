@@ -160,7 +160,22 @@ def timing_args(doc: str) -> argparse.Namespace:
 Grid = dict[str, list[tuple[str, Callable[[], list[Callback]]]]]
 
 
-def sweep(grid: Grid, scenarios: list[str], seeds: int) -> None:
+def sweep_main(doc: str, grid: Grid, scenarios: list[str], seeds: int) -> None:
+    """The sweep scripts' command line: ``--seeds``, ``--first-seed``, ``--scenarios``, ``--methods``.
+
+    ``--first-seed 5`` checks defaults chosen on seeds 0 … 4 on seeds they were not chosen on.
+    """
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=seeds, help="how many seeds")
+    parser.add_argument("--first-seed", type=int, default=0, help="the seeds are first-seed … first-seed+seeds-1")
+    parser.add_argument("--scenarios", nargs="+", default=scenarios, choices=["split", "split-task", "permuted"])
+    parser.add_argument("--methods", nargs="+", default=list(grid), choices=list(grid))
+    args = parser.parse_args()
+    seed_range = range(args.first_seed, args.first_seed + args.seeds)
+    sweep({name: grid[name] for name in args.methods}, args.scenarios, seed_range)
+
+
+def sweep(grid: Grid, scenarios: list[str], seeds: range) -> None:
     """Print the final average accuracy and forgetting (means over ``seeds``) of every configuration.
 
     ``grid`` maps a method name to ``(setting, build)`` pairs; ``build()`` returns fresh callbacks. Each run is
@@ -172,13 +187,14 @@ def sweep(grid: Grid, scenarios: list[str], seeds: int) -> None:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # after lightning's import-time setup
     warnings.filterwarnings("ignore")
+    print(f"seeds {seeds.start} … {seeds.stop - 1}")
     print(f"{'scenario':<9} {'method':<24} {'setting':<28} {'avg acc':>8} {'std':>6} {'forgetting':>11}")
     for scenario in scenarios:
-        streams = [make_stream(scenario, 5, seed) for seed in range(seeds)]
+        streams = {seed: make_stream(scenario, 5, seed) for seed in seeds}
         for method, settings in grid.items():
             for setting, build in settings:
                 accs, forgets = [], []
-                for seed, stream in enumerate(streams):
+                for seed, stream in streams.items():
                     spec = MethodSpec(method, "sweep", "", lambda stream, build=build: build())
                     result, _ = run_method(spec, stream, seed=seed)
                     accs.append(result.summary()["acc"])

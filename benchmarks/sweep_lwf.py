@@ -1,15 +1,13 @@
 """The sweep that chose LwF's defaults (DESIGN.md §6 protocol).
 
-    python benchmarks/sweep_lwf.py [--seeds 2] [--scenarios permuted split-task]
+    python benchmarks/sweep_lwf.py [--seeds 2] [--first-seed 0] [--scenarios permuted split-task]
 
 For every ``alpha`` and ``temperature`` it prints the final average accuracy (mean and std over the seeds)
 and the forgetting, next to naive fine-tuning in the same run, on the domain-incremental permuted stream and
 the task-incremental split (one head per task).
 """
 
-import argparse
-
-from harness import Grid, sweep
+from harness import Grid, sweep_main
 
 from lightning_incremental.methods.distillation import LwF
 
@@ -24,11 +22,7 @@ GRID: Grid = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--scenarios", nargs="+", default=["permuted", "split-task"])
-    args = parser.parse_args()
-    sweep(GRID, args.scenarios, args.seeds)
+    sweep_main(__doc__, GRID, ["permuted", "split-task"], seeds=2)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The sweep that chose the regularization methods' defaults (DESIGN.md §6 protocol, permuted digits).
 
-    python benchmarks/sweep_regularization.py [--seeds 5] [--methods naive ewc ...]
+    python benchmarks/sweep_regularization.py [--seeds 5] [--first-seed 0] [--methods naive ewc ...]
 
 For every method and every value of its strength ``lambda_`` it prints the final average accuracy and the
 forgetting (means over seeds 0 … N-1), next to naive fine-tuning in the same run. The defaults in the
@@ -10,9 +10,7 @@ seed does not rank them). About 25 minutes on one core; two processes with ``--m
 ``OMP_NUM_THREADS=1`` use two cores without slowing each other down.
 """
 
-import argparse
-
-from harness import Grid, sweep
+from harness import Grid, sweep_main
 
 from lightning_incremental.methods.regularization import EWC, MAS, SI, L2Anchor
 
@@ -36,11 +34,7 @@ GRID: Grid = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--methods", nargs="+", default=list(GRID), choices=list(GRID))
-    args = parser.parse_args()
-    sweep({name: GRID[name] for name in args.methods}, ["permuted"], args.seeds)
+    sweep_main(__doc__, GRID, ["permuted"], seeds=5)
 
 
 if __name__ == "__main__":

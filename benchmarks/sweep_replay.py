@@ -1,6 +1,6 @@
 """The sweep that chose the replay methods' defaults (DESIGN.md §6 protocol, buffer 200).
 
-    python benchmarks/sweep_replay.py [--seeds 2] [--scenarios split permuted]
+    python benchmarks/sweep_replay.py [--seeds 2] [--first-seed 0] [--scenarios split permuted] [--methods ...]
 
 For each replay method and setting it prints the final average accuracy (mean and std over the seeds) and
 the forgetting on the class-incremental split and the domain-incremental permuted digits streams, next to
@@ -8,9 +8,7 @@ naive fine-tuning in the same run. The defaults in the methods' docstrings are t
 mean accuracy over both scenarios here.
 """
 
-import argparse
-
-from harness import Grid, sweep
+from harness import Grid, sweep_main
 
 from lightning_incremental.methods.replay import AGEM, DER, ExperienceReplay
 
@@ -43,12 +41,7 @@ GRID: Grid = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--scenarios", nargs="+", default=["split", "permuted"], choices=["split", "permuted"])
-    parser.add_argument("--methods", nargs="+", default=list(GRID), choices=list(GRID))
-    args = parser.parse_args()
-    sweep({name: GRID[name] for name in args.methods}, args.scenarios, args.seeds)
+    sweep_main(__doc__, GRID, ["split", "permuted"], seeds=2)
 
 
 if __name__ == "__main__":
