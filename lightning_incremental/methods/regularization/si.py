@@ -23,7 +23,9 @@ class SI(QuadraticPenalty):
     ``omega / ((theta_end - theta_start)^2 + epsilon)``, the anchor moves to the task's final weights and
     ``omega`` restarts; during later tasks ``lambda * Omega * (theta - theta*)`` is added to the gradient.
     The bookkeeping is three fused passes per step (a copy of the weights before the step, then
-    ``omega += g * (theta_before - theta_after)``), on the parameters' device.
+    ``omega += g * (theta_before - theta_after)``), on the parameters' device. Integrating the task loss's
+    gradient alone (without the penalty's) costs a copy of the gradients every step and measured the same on
+    the permuted digits stream (0.652 against 0.650, seeds 0–2, ``lambda_=100``).
 
     Defaults (``lambda_=100``, ``epsilon=1.0``) are the best mean final accuracy of the sweep in
     ``benchmarks/sweep_regularization.py`` (permuted digits, 5 seeds): 0.663 against naive fine-tuning's

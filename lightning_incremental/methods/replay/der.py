@@ -31,7 +31,9 @@ class DER(ReplayMethod):
     storing them at task end on the split (0.873 vs 0.846), where the task-end logits of a pair of classes
     say nothing about the others. On a domain-incremental stream the opposite holds: DER++ with a class- or
     task-balanced buffer filled at task end reaches 0.955 on the permuted stream (3 seeds; 0.927 on the
-    split), so pass ``policy="class_balanced", fill="task_end"`` there.
+    split), so pass ``policy="class_balanced", fill="task_end"`` there. Its finer grid (``alpha`` 0.1–1,
+    ``beta`` 0.5–2, 32 or 64 replayed rows; 3 seeds) stays within 0.949–0.957 with forgetting under 0.02:
+    the gap to joint retraining (0.966) is what each task is learned to, not what is forgotten.
 
     Args:
         buffer_size: rows the buffer holds (over all DDP ranks).
