@@ -3,7 +3,7 @@
     python benchmarks/sweep_regularization.py [--seeds 5] [--first-seed 0] [--methods naive ewc ...]
 
 For every method and every value of its strength ``lambda_`` it prints the final average accuracy and the
-forgetting (means over seeds 0 … N-1), next to naive fine-tuning in the same run. The defaults in the
+forgetting (means over the seeds), next to naive fine-tuning in the same run. The defaults in the
 methods' docstrings are the values with the best mean average accuracy here over 5 seeds (the seed changes
 the model's initialisation, the permutations and the data order; single seeds differ by up to 0.1, so one
 seed does not rank them). About 25 minutes on one core; two processes with ``--methods`` halves and
