@@ -182,8 +182,8 @@ def sweep(grid: Grid, scenarios: list[str], seeds: range) -> None:
     the reference protocol of DESIGN.md §6 (``lightning_incremental.cli.run_method``) with the seed changing
     the model's initialisation and the data order.
     """
+    from lightning_incremental.catalog import MethodSpec
     from lightning_incremental.cli import make_stream, run_method
-    from lightning_incremental.methods import MethodSpec
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # after lightning's import-time setup
     warnings.filterwarnings("ignore")
@@ -195,7 +195,7 @@ def sweep(grid: Grid, scenarios: list[str], seeds: range) -> None:
             for setting, build in settings:
                 accs, forgets = [], []
                 for seed, stream in streams.items():
-                    spec = MethodSpec(method, "sweep", "", lambda stream, build=build: build())
+                    spec = MethodSpec(method, "sweep", "", build)
                     result, _ = run_method(spec, stream, seed=seed)
                     accs.append(result.summary()["acc"])
                     forgets.append(result.summary()["forgetting"])

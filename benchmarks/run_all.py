@@ -29,9 +29,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from harness import MLP, compare, setup_threads
 
+from lightning_incremental.catalog import registry
 from lightning_incremental.cli import SCENARIOS, make_stream, run_method
-from lightning_incremental.methods import registry
-from lightning_incremental.scenarios import synthetic_stream
 
 METRICS = (("acc", "avg acc"), ("forgetting", "forgetting"), ("bwt", "BWT"))
 
@@ -64,10 +63,9 @@ def accuracy_tables(methods: list[str], scenarios: list[str], seeds: range, epoc
 def overhead_table(methods: list[str], repeats: int) -> list[str]:
     setup_threads()
     specs = registry()
-    stream = synthetic_stream(n_tasks=2, classes_per_task=5, n_features=784)  # what builders may read
     timed = [name for name in methods if not specs[name].cumulative]
     configurations = {"naive": lambda: []} | {
-        name: (lambda spec=specs[name]: spec.build(stream)) for name in timed if name != "naive"
+        name: (lambda spec=specs[name]: spec.build()) for name in timed if name != "naive"
     }
     medians = compare(MLP, configurations, repeats=repeats)
     lines = [

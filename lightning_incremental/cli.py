@@ -23,9 +23,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from lightning_incremental.catalog import MethodSpec, registry
 from lightning_incremental.evaluation import ContinualEvaluation, ContinualResult
 from lightning_incremental.heads import GrowHeads
-from lightning_incremental.methods.registry import MethodSpec, registry
 from lightning_incremental.models import MLPClassifier
 from lightning_incremental.scenarios import TaskStream, digits_stream
 
@@ -112,7 +112,7 @@ def run_method(
     n_features = stream[0].train[0][0].numel()
     multi_head = stream.scenario == "task-incremental"
     model = MLPClassifier(n_features, stream.num_classes, head="multihead" if multi_head else "linear")
-    methods = spec.build(stream)
+    methods = spec.build()
     # a method that classifies on its own (iCaRL's nearest mean of exemplars) exposes `predict(pl_module, batch)`
     predict = next((method.predict for method in methods if callable(getattr(method, "predict", None))), None)
     evaluation = ContinualEvaluation(stream, predict=predict)

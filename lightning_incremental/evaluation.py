@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_incremental import metrics
 from lightning_incremental.core.batch import split_batch, task_labels_of
-from lightning_incremental.core.callback import ContinualCallback
+from lightning_incremental.core import ContinualCallback
 from lightning_incremental.scenarios.stream import TaskStream
 
 PredictFn = Callable[[LightningModule, Any], Tensor]

@@ -15,7 +15,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_incremental.core.callback import ContinualCallback, _task_of
+from lightning_incremental.core import ContinualCallback, task_of
 
 
 class IncrementalClassifier(nn.Module):
@@ -172,7 +172,7 @@ class GrowHeads(ContinualCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        task = _task_of(trainer)
+        task = task_of(trainer)
         heads = [m for m in pl_module.modules() if isinstance(m, IncrementalClassifier | MultiHeadClassifier)]
         if not heads:
             raise ValueError(

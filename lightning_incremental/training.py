@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lightning_incremental.core.callback import ContinualCallback, assign_state_keys
+from lightning_incremental.core import ContinualCallback, assign_state_keys
 from lightning_incremental.evaluation import ContinualEvaluation, ContinualResult
 from lightning_incremental.scenarios.stream import TaskStream
 

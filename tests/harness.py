@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
 
 from lightning_incremental import ContinualEvaluation, MLPClassifier
-from lightning_incremental.methods import MethodSpec
+from lightning_incremental.catalog import MethodSpec
 from lightning_incremental.scenarios import Task, TaskStream
 
 QUIET: dict[str, Any] = {
@@ -67,7 +67,7 @@ def run_method(
 ) -> RunResult:
     """Train a fresh tiny model with fresh callbacks of ``spec`` over every task of ``stream``."""
     model = tiny_model(stream)
-    methods = spec.build(stream)
+    methods = spec.build()
     evaluation = ContinualEvaluation(stream)
     for task in stream_for(spec, stream):
         trainer(epochs, [*methods, evaluation], **trainer_kwargs).fit(model, train_loader(task, style))

@@ -8,7 +8,7 @@
   instances, and end with the weights and the accuracy matrix of the run that was never interrupted;
 - the same from a checkpoint saved between the second and third task (``load_task_checkpoint``).
 
-A method joins by adding its ``MethodSpec`` to the registry: nothing here names a method.
+A method joins by adding its ``MethodSpec`` to the catalog: nothing here names a method.
 """
 
 import io
@@ -30,7 +30,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_incremental import ContinualEvaluation, load_task_checkpoint
-from lightning_incremental.methods import registry
+from lightning_incremental.catalog import registry
 
 METHODS = list(registry().values())
 LEARNT = 0.6  # "far above chance": the split stream has 6 classes, chance is 0.17
@@ -75,7 +75,7 @@ def test_batch_structures_give_the_same_training(spec, split_stream):
 def test_ddp_two_processes_agree(spec, split_stream, tmp_path):
     def worker(rank: int, out_dir: Path) -> None:
         model = tiny_model(split_stream)
-        methods = spec.build(split_stream)
+        methods = spec.build()
         evaluation = ContinualEvaluation(split_stream)
         for task in stream_for(spec, split_stream):
             fit = trainer(2, [*methods, evaluation], strategy="ddp", devices=2)
@@ -113,7 +113,7 @@ def test_resume_mid_task_matches_the_uninterrupted_run(spec, split_stream, tmp_p
     tasks = list(stream_for(spec, split_stream))
 
     model = tiny_model(split_stream)
-    methods, evaluation = spec.build(split_stream), ContinualEvaluation(split_stream)
+    methods, evaluation = spec.build(), ContinualEvaluation(split_stream)
     trainer(2, [*methods, evaluation]).fit(model, train_loader(tasks[0]))
     checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, save_on_train_epoch_end=True)
     crashing = trainer(2, [*methods, evaluation, checkpoint, _Crash(epoch=1)], enable_checkpointing=True)
@@ -122,7 +122,7 @@ def test_resume_mid_task_matches_the_uninterrupted_run(spec, split_stream, tmp_p
 
     # a new process: a new model object, new callback instances, everything else from the checkpoint
     model = tiny_model(split_stream, seed=123)
-    methods, evaluation = spec.build(split_stream), ContinualEvaluation(split_stream)
+    methods, evaluation = spec.build(), ContinualEvaluation(split_stream)
     trainer(2, [*methods, evaluation]).fit(model, train_loader(tasks[1]), ckpt_path=tmp_path / "epoch=0.ckpt")
     trainer(2, [*methods, evaluation]).fit(model, train_loader(tasks[2]))
 
@@ -135,14 +135,14 @@ def test_resume_between_tasks_matches_the_uninterrupted_run(spec, split_stream, 
     tasks = list(stream_for(spec, split_stream))
 
     model = tiny_model(split_stream)
-    methods, evaluation = spec.build(split_stream), ContinualEvaluation(split_stream)
+    methods, evaluation = spec.build(), ContinualEvaluation(split_stream)
     for task in tasks[:2]:
         fit = trainer(2, [*methods, evaluation])
         fit.fit(model, train_loader(task))
     fit.save_checkpoint(tmp_path / "after_task_1.ckpt")
 
     model = tiny_model(split_stream, seed=123)
-    methods, evaluation = spec.build(split_stream), ContinualEvaluation(split_stream)
+    methods, evaluation = spec.build(), ContinualEvaluation(split_stream)
     load_task_checkpoint(tmp_path / "after_task_1.ckpt", model, [*methods, evaluation])
     trainer(2, [*methods, evaluation]).fit(model, train_loader(tasks[2]))
 

@@ -107,11 +107,12 @@ def test_lwf_bad_arguments_name_the_argument(build, message):
         build()
 
 
-def test_lwf_names_the_logits_module_it_cannot_find(split_stream):
+def test_lwf_names_the_logits_module_it_cannot_find_before_the_first_step(split_stream):
     model, lwf = MLPClassifier(16, 6, hidden=(8,)), LwF(logits_module="classifier")
-    trainer(1, [lwf]).fit(model, train_loader(split_stream[0]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"`logits_module='classifier'` is not a submodule.*net\.2"):
-        trainer(1, [lwf]).fit(model, train_loader(split_stream[1]))
+        trainer(1, [lwf]).fit(model, train_loader(split_stream[0]))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 # ---------------------------------------------------------------------------------------------- heads

@@ -234,7 +234,7 @@ def test_task_free_consolidation_every_n_steps(split_stream):
             type(self).consolidations += 1
             super().consolidate(trainer, pl_module)
 
-    ewc = Counting(lambda_=10.0, mode="online", decay=0.5, consolidate_every_n_steps=4, fisher_samples=16)
+    ewc = Counting(lambda_=10.0, mode="online", decay=0.5, consolidate_every_n_steps=4, importance_samples=16)
     model = MLPClassifier(16, 6, hidden=(8,))
     trainer(1, [ewc]).fit(model, train_loader(split_stream[0]))  # 12 steps: at 4, 8, 12, then the task end
     assert Counting.consolidations == 4
@@ -249,7 +249,7 @@ def test_task_free_consolidation_every_n_steps(split_stream):
         (lambda: EWC(mode="joint"), r"`mode` must be 'separate' or 'online'"),
         (lambda: EWC(fisher="exact"), r"`fisher` must be 'empirical' or 'true'"),
         (lambda: EWC(decay=1.5), r"`decay` must be in \[0, 1\]"),
-        (lambda: EWC(fisher_samples=0), r"number of samples must be a positive integer"),
+        (lambda: EWC(importance_samples=0), r"`importance_samples` must be a positive integer"),
         (lambda: SI(epsilon=0.0), r"`epsilon` must be > 0"),
         (lambda: MAS(alpha=-0.1), r"`alpha` must be in \[0, 1\]"),
         (lambda: L2Anchor(consolidate_every_n_steps=0), r"`consolidate_every_n_steps` must be a positive integer"),

@@ -18,7 +18,7 @@ TARGET_KEYS = ("y", "target", "targets", "label", "labels")
 TASK_KEYS = ("t", "task", "task_label", "task_labels", "task_id")
 
 
-def _find_key(batch: Mapping, key: str | None, candidates: tuple[str, ...], role: str, argument: str) -> str:
+def find_key(batch: Mapping, key: str | None, candidates: tuple[str, ...], role: str, argument: str) -> str:
     if key is not None:
         if key not in batch:
             raise KeyError(f"The batch has no key {key!r} for the {role}; its keys are {sorted(batch)}.")
@@ -28,7 +28,7 @@ def _find_key(batch: Mapping, key: str | None, candidates: tuple[str, ...], role
             return candidate
     raise KeyError(
         f"Cannot tell which entry of the batch holds the {role}: none of {list(candidates)} is among its keys "
-        f"{sorted(batch)}. Pass `{argument}=` naming it."
+        f"{sorted(batch)}. Pass `model_interface=ModelInterface({argument}=...)` to the method, naming it."
     )
 
 
@@ -44,8 +44,8 @@ def split_batch(batch: Any, input_key: str | None = None, target_key: str | None
     torch.Size([4, 3])
     """
     if isinstance(batch, Mapping):
-        inputs = batch[_find_key(batch, input_key, INPUT_KEYS, "inputs", "input_key")]
-        targets = batch[_find_key(batch, target_key, TARGET_KEYS, "labels", "target_key")]
+        inputs = batch[find_key(batch, input_key, INPUT_KEYS, "inputs", "input_key")]
+        targets = batch[find_key(batch, target_key, TARGET_KEYS, "labels", "target_key")]
         return inputs, targets
     if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) >= 2:
         return batch[0], batch[1]
@@ -65,7 +65,7 @@ def split_inputs(batch: Any, input_key: str | None = None) -> Any:
     if isinstance(batch, Tensor):
         return batch
     if isinstance(batch, Mapping):
-        return batch[_find_key(batch, input_key, INPUT_KEYS, "inputs", "input_key")]
+        return batch[find_key(batch, input_key, INPUT_KEYS, "inputs", "input_key")]
     if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) >= 1:
         return batch[0]
     raise ValueError(f"Cannot find the inputs in a batch of type {type(batch).__name__}.")

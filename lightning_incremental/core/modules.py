@@ -7,8 +7,8 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 
-from lightning_incremental.core.callback import _CHAIN_ATTRIBUTE
-from lightning_incremental.core.logits import LogitsCapture
+from lightning_incremental.core.interface import ModelInterface
+from lightning_incremental.core.step_chain import CHAIN_ATTRIBUTE
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
@@ -23,12 +23,12 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     (False, False)
     """
     memo = {}
-    for name in (_CHAIN_ATTRIBUTE, "training_step"):
+    for name in (CHAIN_ATTRIBUTE, "training_step"):
         attribute = module.__dict__.get(name)
         if attribute is not None and name in module.__dict__:
             memo[id(attribute)] = None  # the copy must not share or clone the wrapper
     clone = copy.deepcopy(module, memo)
-    for name in (_CHAIN_ATTRIBUTE, "training_step"):
+    for name in (CHAIN_ATTRIBUTE, "training_step"):
         if clone.__dict__.get(name, ...) is None:
             del clone.__dict__[name]
     clone.eval()
@@ -54,7 +54,6 @@ class OldModel:
     def __init__(self) -> None:
         self.module: nn.Module | None = None
         self._saved_weights: dict[str, Tensor] | None = None  # from a checkpoint, until the model is known
-        self._capture: LogitsCapture | None = None
 
     def keep(self, model: nn.Module) -> None:
         """Replace the old model by a frozen copy of ``model``."""
@@ -69,20 +68,12 @@ class OldModel:
         if self.module is not None:
             self.module.to(pl_module.device)
 
-    def logits(self, trainer: Trainer, inputs: Any, batch_size: int, logits_name: str) -> Tensor:
-        """The old model's logits for ``inputs`` (the output of its module ``logits_name``), without gradient
-        and under the live model's precision context."""
+    def logits(self, trainer: Trainer, batch: Any, interface: ModelInterface) -> Tensor:
+        """The old model's logits for ``batch``, without gradient and under the live model's precision context."""
         if self.module is None:
             raise RuntimeError("There is no old model before the first task ends.")
-        if self._capture is None:
-            self._capture = LogitsCapture(logits_name)
-        with (
-            torch.no_grad(),
-            trainer.precision_plugin.forward_context(),
-            self._capture.recording(self.module, batch_size=batch_size) as record,
-        ):
-            self.module(inputs)
-        return record.logits
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            return interface.predict(self.module, batch)
 
     def state_dict(self) -> dict[str, Tensor] | None:
         """The old model's weights on the CPU, or ``None`` before the first task ends."""

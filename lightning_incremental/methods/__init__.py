@@ -1,5 +1,1 @@
-"""The continual-learning methods, one module per family, and their registry."""
-
-from lightning_incremental.methods.registry import MethodSpec, get_method, registry
-
-__all__ = ["MethodSpec", "get_method", "registry"]
+"""The continual-learning methods, one subpackage per family; their catalog of names is ``catalog.py``."""

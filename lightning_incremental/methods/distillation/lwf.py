@@ -1,7 +1,7 @@
 """Learning without Forgetting, LwF (Li & Hoiem, 2016)."""
 
 import functools
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -9,10 +9,19 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_incremental.core.batch import batch_size_of, split_inputs, task_labels_of
-from lightning_incremental.core.callback import ContinualCallback, StepFn, add_to_loss
-from lightning_incremental.core.logits import LogitsCapture
-from lightning_incremental.core.modules import OldModel
+from lightning_incremental.core import (
+    ContinualCallback,
+    ModelInterface,
+    OldModel,
+    Step,
+    add_to_loss,
+    check_interface_argument,
+    interface_of,
+    task_labels_of,
+)
+
+Distillation = Literal["auto", "softmax", "sigmoid", "mse"]
+DISTILLATIONS = ("auto", "softmax", "sigmoid", "mse")
 
 
 def distillation_loss(new_logits: Tensor, old_logits: Tensor, temperature: float) -> Tensor:
@@ -28,7 +37,28 @@ def distillation_loss(new_logits: Tensor, old_logits: Tensor, temperature: float
     """
     log_new = F.log_softmax(new_logits.float() / temperature, dim=-1)
     log_old = F.log_softmax(old_logits.float() / temperature, dim=-1)
-    return temperature**2 * F.kl_div(log_new, log_old, reduction="batchmean", log_target=True)
+    return temperature**2 * F.kl_div(log_new, log_old, reduction="sum", log_target=True) / new_logits.shape[0]
+
+
+def sigmoid_distillation_loss(new_logits: Tensor, old_logits: Tensor, temperature: float) -> Tensor:
+    r"""``T^2 *`` the binary cross-entropy of ``sigmoid(new / T)`` against ``sigmoid(old / T)`` per output, summed
+    over the outputs and averaged over the batch: the distillation of multi-label logits.
+
+    >>> round(sigmoid_distillation_loss(torch.zeros(1, 2), torch.zeros(1, 2), 1.0).item(), 4)  # 2 * log 2
+    1.3863
+    """
+    targets = torch.sigmoid(old_logits.float() / temperature)
+    losses = F.binary_cross_entropy_with_logits(new_logits.float() / temperature, targets, reduction="sum")
+    return temperature**2 * losses / new_logits.shape[0]
+
+
+def mse_distillation_loss(new_outputs: Tensor, old_outputs: Tensor) -> Tensor:
+    """The squared distance of the new real-valued outputs to the old, summed over outputs, averaged over rows.
+
+    >>> mse_distillation_loss(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 0.0]])).item()
+    5.0
+    """
+    return (new_outputs.float() - old_outputs.float()).square().sum() / new_outputs.shape[0]
 
 
 class LwF(ContinualCallback):
@@ -44,16 +74,31 @@ class LwF(ContinualCallback):
       separately, summed over the old tasks;
     - **domain-incremental** (every task has every class): all columns.
 
-    The classes come from the stream's :class:`~lightning_incremental.scenarios.Task`; data without that
-    metadata is distilled over all columns. The old model's weights are in ``state_dict``, so checkpoints
-    and resumes restore it.
+    The classes of a task come from the stream's :class:`~lightning_incremental.scenarios.Task` when it built
+    the data, else from the class labels the task's batches carried. The old model's weights are in
+    ``state_dict``, so checkpoints and resumes restore it.
 
-    Defaults (``alpha=1.0``, ``temperature=2.0``) are the sweep's choice in ``benchmarks/sweep_lwf.py``.
+    **Other outputs.** What is distilled follows the outputs (``distillation="auto"``): class logits by the
+    softmax KL above; multi-label logits by the binary cross-entropy of the sigmoids
+    (:func:`sigmoid_distillation_loss`); real-valued outputs (regression) by the squared distance to the old
+    outputs (:func:`mse_distillation_loss`), where a softmax would be constant and distil nothing. Token-level
+    logits ``[B, T, V]`` are distilled per token.
+
+    **Composition.** LwF distils on the rows its wrapped step receives: after
+    :class:`~lightning_incremental.ExperienceReplay` in the callback list (so replay extends the batch first)
+    it distils the replayed rows too; before it, only the current rows. It reads the live logits from the
+    step chain's record. It adds to the loss, so it refuses manual optimization.
+
+    Defaults (``alpha``, ``temperature``) are the choice of ``benchmarks/sweep_lwf.py``; its numbers are in
+    ``benchmarks/RESULTS.md``.
 
     Args:
         alpha: weight of the distillation term (>= 0).
-        temperature: softmax temperature (> 0).
-        logits_module: the submodule whose output is the logits (name or module); discovered by default.
+        temperature: softmax (sigmoid) temperature (> 0); not used for real-valued outputs.
+        distillation: ``"auto"``, ``"softmax"``, ``"sigmoid"`` or ``"mse"`` (see above).
+        logits_module: the submodule whose output is the logits (name or module); found by default.
+        model_interface: how to read the model's outputs and targets; default: the model's
+            ``continual_interface``, else :class:`~lightning_incremental.ModelInterface`'s defaults.
 
     Example::
 
@@ -69,18 +114,32 @@ class LwF(ContinualCallback):
         ([[0, 1], [2, 3]], False)
     """
 
+    reads_step_outputs = True
+    adds_loss_terms = True
+
     def __init__(
-        self, alpha: float = 1.0, temperature: float = 2.0, logits_module: str | nn.Module | None = None
+        self,
+        alpha: float = 1.0,
+        temperature: float = 2.0,
+        distillation: Distillation = "auto",
+        logits_module: str | nn.Module | None = None,
+        model_interface: ModelInterface | None = None,
     ) -> None:
         super().__init__()
         if not alpha >= 0:
             raise ValueError(f"`alpha` must be >= 0, got {alpha}.")
         if not temperature > 0:
             raise ValueError(f"`temperature` must be > 0, got {temperature}.")
-        self.alpha, self.temperature = float(alpha), float(temperature)
-        self.capture = LogitsCapture(logits_module)
+        if distillation not in DISTILLATIONS:
+            raise ValueError(f"`distillation` must be one of {DISTILLATIONS}, got {distillation!r}.")
+        if logits_module is not None and not isinstance(logits_module, (str, nn.Module)):
+            raise TypeError(f"`logits_module` must be a submodule name, a submodule or None, got {logits_module!r}.")
+        self.alpha, self.temperature, self.distillation = float(alpha), float(temperature), distillation
+        self.logits_module = logits_module
+        self.model_interface = check_interface_argument(model_interface)
         self.old = OldModel()
         self.old_tasks: list[list[int]] = []  # the classes of every completed task ([] when unknown)
+        self._labels_seen: Tensor | None = None  # this task's class labels, as a mask over the outputs
 
     @property
     def old_model(self) -> nn.Module | None:
@@ -89,25 +148,63 @@ class LwF(ContinualCallback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.old.materialize(pl_module)
+        if self._labels_seen is not None:
+            self._labels_seen = self._labels_seen.to(pl_module.device)
         super().on_fit_start(trainer, pl_module)
+
+    def on_task_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._labels_seen = None
 
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.old.keep(pl_module)
-        self.old_tasks.append(list(self.task.classes) if self.task is not None else [])
+        if self.task is not None:
+            classes = list(self.task.classes)
+        else:  # the user's own data: the class labels its batches carried (one host sync per task)
+            seen = self._labels_seen
+            classes = seen.nonzero().flatten().tolist() if seen is not None else []
+        self.old_tasks.append(classes)
 
-    def wrap_training_step(self, trainer: Trainer, pl_module: LightningModule, batch: Any, step: StepFn) -> STEP_OUTPUT:
-        if self.old_model is None or self.alpha == 0:
-            return step(batch)
-        size = batch_size_of(batch)
-        with self.capture.recording(pl_module, batch_size=size) as record:
-            output = step(batch)
-        old_logits = self.old.logits(trainer, split_inputs(batch), size, self.capture.name_in(pl_module))
-        new_logits = record.logits[:size, : old_logits.shape[1]]  # columns past the old model's: grown classes
-        term = self.alpha * sum(
-            distillation_loss(new_logits[:, columns], old_logits[:, columns], self.temperature)
-            for columns in self._heads(batch, old_logits.shape[1], old_logits.device)
+    def wrap_training_step(self, trainer: Trainer, pl_module: LightningModule, batch: Any, step: Step) -> STEP_OUTPUT:
+        output = step(batch)
+        if output is None or self.alpha == 0:  # the user skipped the batch: nothing to add
+            return output
+        interface = interface_of(pl_module, self.model_interface)
+        new_logits = step.logits_for(batch)
+        mode = self._mode(interface, new_logits, batch)
+        if mode == "softmax" and self.task is None:
+            self._remember_labels(interface, new_logits, batch)
+        if self.old_model is None:
+            return output
+        old_logits = self.old.logits(trainer, batch, interface)
+        if mode == "mse":
+            return add_to_loss(output, self.alpha * mse_distillation_loss(new_logits, old_logits))
+        new_logits = new_logits[..., : old_logits.shape[-1]]  # columns past the old model's: grown classes
+        loss = distillation_loss if mode == "softmax" else sigmoid_distillation_loss
+        new_rows, old_rows = new_logits.flatten(0, -2), old_logits.flatten(0, -2)  # token-level: every token a row
+        term = sum(
+            loss(new_rows[:, columns], old_rows[:, columns], self.temperature) * (new_rows.shape[0] / len(new_logits))
+            for columns in self._heads(batch, old_logits.shape[-1], old_logits.device)
         )
-        return add_to_loss(output, term)
+        return add_to_loss(output, self.alpha * term)
+
+    def _mode(self, interface: ModelInterface, logits: Tensor, batch: Any) -> str:
+        """What to distil: the argument, or what the outputs and targets are (see the class docstring)."""
+        if self.distillation != "auto":
+            return self.distillation
+        if interface.has_targets(batch):
+            likelihood = interface.likelihood_of(logits, interface.targets(batch))
+            return {"categorical": "softmax", "bernoulli": "sigmoid"}.get(likelihood, "mse")
+        return "mse" if logits.shape[-1] == 1 else "softmax"
+
+    def _remember_labels(self, interface: ModelInterface, logits: Tensor, batch: Any) -> None:
+        """Mark the class labels of this batch (on the device, no host sync)."""
+        if not interface.has_targets(batch):
+            return
+        labels = interface.targets(batch).flatten()
+        labels = labels[(labels >= 0) & (labels < logits.shape[-1])]
+        if self._labels_seen is None or self._labels_seen.numel() != logits.shape[-1]:
+            self._labels_seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        self._labels_seen[labels] = True
 
     def _heads(self, batch: Any, num_outputs: int, device: torch.device | str = "cpu") -> list[Tensor | slice]:
         """The groups of output columns distilled separately, as indices on ``device``."""
@@ -115,12 +212,19 @@ class LwF(ContinualCallback):
         return list(_column_groups(old_tasks, task_labels_of(batch) is not None, num_outputs, device))
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "old_tasks": self.old_tasks, "old_model": self.old.state_dict()}
+        seen = self._labels_seen
+        return {
+            **super().state_dict(),
+            "old_tasks": self.old_tasks,
+            "old_model": self.old.state_dict(),
+            "labels_seen": seen.cpu() if seen is not None else None,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.old_tasks = [list(map(int, classes)) for classes in state_dict["old_tasks"]]
         self.old.load_state_dict(state_dict["old_model"])
+        self._labels_seen = state_dict.get("labels_seen")
 
 
 @functools.lru_cache(maxsize=16)

@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 
-from lightning_incremental.core.callback import ContinualCallback
+from lightning_incremental.core import ContinualCallback
 
 Mode = Literal["interpolate", "average"]
 

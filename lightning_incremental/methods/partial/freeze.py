@@ -9,7 +9,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_incremental.core.callback import ContinualCallback, _task_of
+from lightning_incremental.core import ContinualCallback, task_of
 
 Pattern = str | re.Pattern[str]
 
@@ -236,7 +236,7 @@ class FreezeLayers(ContinualCallback):
         if self._task_in_progress:
             index = self.current_task
         else:
-            task = _task_of(self._trainer)
+            task = task_of(self._trainer)
             index = task.index if task is not None else self.tasks_completed
         if index < self.from_task:
             self._release()

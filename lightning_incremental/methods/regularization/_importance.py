@@ -4,12 +4,21 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
-from torch import Tensor, nn
+from torch import Tensor
+from typing_extensions import override
 
-from lightning_incremental.core.batch import batch_size_of, index_batch, split_inputs
-from lightning_incremental.core.per_sample import ForwardFn, Reduction, per_sample_grad_sums
+from lightning_incremental.core import (
+    ModelInterface,
+    batch_size_of,
+    check_interface_argument,
+    index_batch,
+    interface_of,
+    private_pass,
+)
+from lightning_incremental.core.per_sample import Reduction, per_sample_grad_sums
 from lightning_incremental.methods.regularization._quadratic import (
     QuadraticPenalty,
     all_reduce_sums,
@@ -17,17 +26,14 @@ from lightning_incremental.methods.regularization._quadratic import (
 )
 
 
-def model_outputs(module: nn.Module, batch: Any) -> Tensor:
-    """The default forward for importance estimation: ``module(x)``."""
-    return module(split_inputs(batch))
-
-
 class SampledImportance(QuadraticPenalty):
     """A quadratic penalty whose importance is a mean of per-sample gradient magnitudes.
 
-    At a task end it reads up to ``samples`` training samples from the fit's train dataloader (each DDP
-    rank its shard), in eval mode and fp32, and all-reduces the sums. In task-free use
-    (``consolidate_every_n_steps``) it uses the most recent training batches instead.
+    At a task end it reads up to ``importance_samples`` training samples from the fit's train dataloader (each
+    DDP rank its shard), in eval mode and fp32, and all-reduces the sums; the pass leaves the user's random
+    stream untouched. In task-free use (``consolidate_every_n_steps``) it uses the most recent training batches
+    instead. The model's outputs and targets come from the model interface; a batch it cannot use is refused
+    at the first training step of a task, not after the task.
     """
 
     reduction: Reduction = "square"
@@ -35,50 +41,57 @@ class SampledImportance(QuadraticPenalty):
     def __init__(
         self,
         lambda_: float,
-        samples: int | None,
-        forward: ForwardFn | None,
+        importance_samples: int | None,
+        model_interface: ModelInterface | None,
         chunk_size: int,
         consolidate_every_n_steps: int | None,
     ) -> None:
         super().__init__(lambda_, consolidate_every_n_steps)
-        if samples is not None and samples < 1:
-            raise ValueError(f"The number of samples must be a positive integer or None (all), got {samples}.")
+        if importance_samples is not None and importance_samples < 1:
+            raise ValueError(
+                f"`importance_samples` must be a positive integer or None (the whole task), got {importance_samples}."
+            )
         if chunk_size < 1:
             raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
-        self.samples = samples
-        self.forward = forward or model_outputs
+        self.importance_samples = importance_samples
+        self.model_interface = check_interface_argument(model_interface)
         self.chunk_size = chunk_size
         self._recent: deque[Any] = deque()
+        self._checked_task: int | None = None
 
-    def per_sample_loss(self, outputs: Tensor, batch: Any) -> Tensor:
+    def per_sample_loss(self, interface: ModelInterface, logits: Tensor, batch: Any) -> Tensor:
         """The per-sample loss whose gradient magnitudes make the importance."""
         raise NotImplementedError
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._checked_task != self.current_task:  # a batch this method cannot use fails now, not at task end
+            interface = interface_of(pl_module, self.model_interface)
+            rows = index_batch(batch, slice(0, 2))
+            with torch.no_grad(), private_pass(pl_module), trainer.precision_plugin.forward_context():
+                self.per_sample_loss(interface, interface.predict(pl_module, rows), rows)
+            self._checked_task = self.current_task
         if self.consolidate_every_n_steps is None:
             return
         self._recent.append(batch)
-        limit = self.samples or 256
+        limit = self.importance_samples or 256
         while sum(batch_size_of(b) for b in self._recent) - batch_size_of(self._recent[0]) >= limit:
             self._recent.popleft()
 
     def estimate_importance(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Tensor]:
         """Mean over samples (and ranks) of ``phi(d loss_n / d theta)`` per trainable parameter."""
         params = named_trainable_parameters(pl_module)
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        interface = interface_of(pl_module, self.model_interface)
+        with private_pass(pl_module):
             sums, count = per_sample_grad_sums(
                 pl_module,
                 self._batches(trainer, pl_module),
-                self.per_sample_loss,
-                self.forward,
+                lambda logits, batch: self.per_sample_loss(interface, logits, batch),
+                interface.predict,
                 reduction=self.reduction,
                 params=params,
                 chunk_size=self.chunk_size,
             )
-        finally:
-            pl_module.train(was_training)
         sums, count = all_reduce_sums(trainer, sums, count)
         if count == 0:
             raise RuntimeError(f"{type(self).__name__} found no training data to estimate the importance from.")
@@ -87,10 +100,10 @@ class SampledImportance(QuadraticPenalty):
     def _batches(self, trainer: Trainer, pl_module: LightningModule) -> Iterator[Any]:
         if self.consolidate_every_n_steps is not None and self._recent:
             source: Any = list(self._recent)
-            limit = self.samples or 256
+            limit = self.importance_samples or 256
         else:
             source = trainer.train_dataloader
-            limit = None if self.samples is None else -(-self.samples // trainer.world_size)
+            limit = None if self.importance_samples is None else -(-self.importance_samples // trainer.world_size)
         seen = 0
         for batch in source:
             if limit is not None and seen >= limit:

@@ -15,7 +15,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_incremental.core.callback import ContinualCallback
+from lightning_incremental.core import ContinualCallback, _lightning
 
 
 def validate_lambda(lambda_: float) -> float:
@@ -97,7 +97,7 @@ class QuadraticPenalty(ContinualCallback):
         weights, offsets = [t[0] for t in terms], [t[1] for t in terms]
         torch._foreach_addcmul_(grads_in, thetas, weights, value=scale)
         torch._foreach_add_(grads_in, offsets, alpha=scale)
-        if trainer._logger_connector.should_update_logs:
+        if _lightning.should_update_logs(trainer):
             self._log_penalty(pl_module, thetas, weights, offsets)
 
     # ------------------------------------------------------------------ state

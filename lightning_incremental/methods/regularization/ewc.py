@@ -7,8 +7,8 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 from torch.nn import functional as F
 
-from lightning_incremental.core.batch import split_batch
-from lightning_incremental.methods.regularization._importance import ForwardFn, SampledImportance
+from lightning_incremental.core import ModelInterface
+from lightning_incremental.methods.regularization._importance import SampledImportance
 from lightning_incremental.methods.regularization._quadratic import named_trainable_parameters, snapshot
 
 
@@ -27,25 +27,27 @@ class EWC(SampledImportance):
     - ``mode="online"`` (online EWC) decays the old importance, ``Omega = decay * Omega + F_t``, and anchors at
       the latest weights ``theta* = theta_t``.
 
-    Which Fisher: the default ``fisher="empirical"`` squares the gradients of ``-log p(y_n | x_n)`` at the
-    true labels — one backward per batch, so estimating it costs less than a training epoch. ``"true"``
-    takes the exact expectation over the model's own predictive distribution,
-    ``sum_c p(c | x_n) (d log p(c | x_n))^2``, at one backward per class per batch. On the permuted digits
-    stream the true Fisher is no better (``benchmarks/sweep_regularization.py``, 5 seeds, lambda 300:
-    0.613 against 0.635), so the default is the cheaper one.
+    The log-likelihood is the one that fits the model (:class:`~lightning_incremental.ModelInterface`):
+    categorical for class logits (token-level logits too; labels of -100 are ignored), Gaussian (half the
+    squared error) for real-valued outputs, Bernoulli for multi-label logits, or the user's own per-sample loss.
 
-    Defaults (``lambda_=300``, empirical Fisher over the whole task) are the best mean final accuracy of
-    that sweep on the reference protocol: 0.635 against naive fine-tuning's 0.485 (lambda 100: 0.614,
-    1000: 0.629). Online EWC (``decay=0.9``) is better still there, 0.689 with half of naive's forgetting
-    (0.290 against 0.597): it anchors at the latest weights, which fit every task seen so far.
+    Which Fisher: the default ``fisher="empirical"`` squares the gradients of ``-log p(y_n | x_n)`` at the
+    true targets — one backward per batch, so estimating it costs less than a training epoch. ``"true"``
+    takes the exact expectation over the model's own predictive distribution: for class logits
+    ``sum_c p(c | x_n) (d log p(c | x_n))^2`` at one backward per class per batch, for a Gaussian the
+    squared gradients of every output, for a Bernoulli ``p (1 - p)`` times those of every logit.
+
+    The defaults (``lambda_=300``, empirical Fisher over the whole task) and the measured alternatives are in
+    ``benchmarks/RESULTS.md`` (chosen by ``benchmarks/sweep_regularization.py``).
 
     Args:
         lambda_: penalty strength (>= 0).
         mode: ``"separate"`` or ``"online"``.
         decay: online EWC's decay of the old importance, in [0, 1].
         fisher: ``"empirical"`` or ``"true"``.
-        fisher_samples: training samples (over all ranks) that estimate the Fisher; ``None``: the whole task.
-        forward: ``forward(pl_module, batch) -> logits``; default ``pl_module(x)``.
+        importance_samples: training samples (over all ranks) that estimate the Fisher; ``None``: the whole task.
+        model_interface: how to read the model's outputs, targets and per-sample loss; default: the model's
+            ``continual_interface``, else :class:`~lightning_incremental.ModelInterface`'s defaults.
         chunk_size: samples per chunk of the per-sample gradient computation (bounds memory).
         consolidate_every_n_steps: also consolidate every N optimizer steps, on the most recent batches
             (task-free use; pair with ``mode="online"``).
@@ -70,12 +72,12 @@ class EWC(SampledImportance):
         mode: Literal["separate", "online"] = "separate",
         decay: float = 1.0,
         fisher: Literal["empirical", "true"] = "empirical",
-        fisher_samples: int | None = None,
-        forward: ForwardFn | None = None,
+        importance_samples: int | None = None,
+        model_interface: ModelInterface | None = None,
         chunk_size: int = 64,
         consolidate_every_n_steps: int | None = None,
     ) -> None:
-        super().__init__(lambda_, fisher_samples, forward, chunk_size, consolidate_every_n_steps)
+        super().__init__(lambda_, importance_samples, model_interface, chunk_size, consolidate_every_n_steps)
         if mode not in ("separate", "online"):
             raise ValueError(f"`mode` must be 'separate' or 'online', got {mode!r}.")
         if fisher not in ("empirical", "true"):
@@ -84,12 +86,10 @@ class EWC(SampledImportance):
             raise ValueError(f"`decay` must be in [0, 1], got {decay}.")
         self.mode, self.decay, self.fisher = mode, float(decay), fisher
 
-    def per_sample_loss(self, outputs: Tensor, batch: Any) -> Tensor:
-        log_probs = F.log_softmax(outputs.float(), dim=-1)
-        if self.fisher == "true":  # columns c: sqrt(p_c) * log p_c, whose squared gradients sum to E_c[g_c^2]
-            return log_probs * log_probs.detach().exp().sqrt()
-        _, targets = split_batch(batch)
-        return -log_probs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    def per_sample_loss(self, interface: ModelInterface, logits: Tensor, batch: Any) -> Tensor:
+        if self.fisher == "empirical":
+            return interface.per_sample_loss(logits, batch)
+        return _true_fisher_columns(logits.float(), interface.likelihood_of(logits, interface.targets(batch)))
 
     def consolidate(self, trainer: Trainer, pl_module: LightningModule) -> None:
         fisher = self.estimate_importance(trainer, pl_module)
@@ -106,3 +106,25 @@ class EWC(SampledImportance):
                 weighted = old * self.anchor[name] + information * current[name]
                 self.anchor[name] = torch.where(total > 0, weighted / total.clamp_min(1e-30), current[name])
                 self.importance[name] = total
+
+
+def _true_fisher_columns(logits: Tensor, likelihood: str) -> Tensor:
+    """Columns whose squared per-sample gradients sum to the true Fisher's expectation over the model's own
+    predictive distribution (the detached factors are the weights of the expectation).
+
+    >>> _true_fisher_columns(torch.zeros(2, 3), "gaussian").shape
+    torch.Size([2, 3])
+    """
+    if likelihood == "categorical" and logits.ndim == 2:  # sqrt(p_c) log p_c: squared gradients sum to E_c[g_c^2]
+        log_probs = F.log_softmax(logits, dim=-1)
+        return log_probs * log_probs.detach().exp().sqrt()
+    if likelihood == "gaussian":  # unit variance: the Fisher is J^T J, the squared gradients of every output
+        return logits.flatten(1)
+    if likelihood == "bernoulli":  # p (1 - p) (d z)^2 per logit
+        probs = logits.detach().sigmoid()
+        return (logits * (probs * (1 - probs)).sqrt()).flatten(1)
+    raise ValueError(
+        f"`fisher='true'` is defined for class logits [batch, classes], real-valued and multi-label outputs, not "
+        f"for {likelihood!r} outputs of shape {tuple(logits.shape)} (token-level or a custom loss). Use "
+        "`fisher='empirical'`."
+    )

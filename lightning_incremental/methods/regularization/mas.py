@@ -5,8 +5,9 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
+from lightning_incremental.core import ModelInterface
 from lightning_incremental.core.per_sample import Reduction
-from lightning_incremental.methods.regularization._importance import ForwardFn, SampledImportance
+from lightning_incremental.methods.regularization._importance import SampledImportance
 from lightning_incremental.methods.regularization._quadratic import named_trainable_parameters, snapshot
 
 
@@ -20,16 +21,16 @@ class MAS(SampledImportance):
     at the latest weights, and the gradient ``lambda * Omega * (theta - theta*)`` is added before every
     optimizer step.
 
-    Defaults (``lambda_=0.1``, ``alpha=0.5``) are the best mean final accuracy of the sweep in
-    ``benchmarks/sweep_regularization.py`` (permuted digits, 5 seeds): 0.651 against naive fine-tuning's
-    0.485 (lambda 0.03: 0.638, 0.3: 0.616). The importance is in
-    units of the squared logits, much larger than a Fisher: MAS's lambda is correspondingly small.
+    The defaults (``lambda_=0.1``, ``alpha=0.5``) were chosen by ``benchmarks/sweep_regularization.py``; the
+    numbers are in ``benchmarks/RESULTS.md``. The importance is in units of the squared outputs, much larger
+    than a Fisher: MAS's lambda is correspondingly small.
 
     Args:
         lambda_: penalty strength (>= 0).
         alpha: weight of the old importance when merging, in [0, 1].
-        samples: samples (over all ranks) that estimate the importance; ``None``: the whole task.
-        forward: ``forward(pl_module, batch) -> outputs``; default ``pl_module(x)``.
+        importance_samples: samples (over all ranks) that estimate the importance; ``None``: the whole task.
+        model_interface: how to read the model's outputs; default: the model's ``continual_interface``, else
+            :class:`~lightning_incremental.ModelInterface`'s defaults.
         chunk_size: samples per chunk of the per-sample gradient computation.
         consolidate_every_n_steps: also consolidate every N optimizer steps, on the most recent batches.
 
@@ -53,18 +54,18 @@ class MAS(SampledImportance):
         self,
         lambda_: float = 0.1,
         alpha: float = 0.5,
-        samples: int | None = None,
-        forward: ForwardFn | None = None,
+        importance_samples: int | None = None,
+        model_interface: ModelInterface | None = None,
         chunk_size: int = 64,
         consolidate_every_n_steps: int | None = None,
     ) -> None:
-        super().__init__(lambda_, samples, forward, chunk_size, consolidate_every_n_steps)
+        super().__init__(lambda_, importance_samples, model_interface, chunk_size, consolidate_every_n_steps)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"`alpha` must be in [0, 1], got {alpha}.")
         self.alpha = float(alpha)
 
-    def per_sample_loss(self, outputs: Tensor, batch: Any) -> Tensor:
-        return outputs.float().flatten(1).square().sum(-1)
+    def per_sample_loss(self, interface: ModelInterface, logits: Tensor, batch: Any) -> Tensor:
+        return logits.float().flatten(1).square().sum(-1)
 
     def consolidate(self, trainer: Trainer, pl_module: LightningModule) -> None:
         importance = self.estimate_importance(trainer, pl_module)

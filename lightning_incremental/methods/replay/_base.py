@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lightning_incremental.buffers import Policy, ReplayBuffer, local_share
 from lightning_incremental.core.batch import batch_leaves, split_batch, task_labels_of, with_leaves
-from lightning_incremental.core.callback import ContinualCallback
+from lightning_incremental.core import ContinualCallback
 
 Fill = Literal["stream", "first_epoch", "task_end"]
 FILLS = ("stream", "first_epoch", "task_end")

@@ -10,8 +10,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from lightning_incremental.buffers import Policy
+from lightning_incremental.core import StepFn
 from lightning_incremental.core.batch import split_batch
-from lightning_incremental.core.callback import StepFn
 from lightning_incremental.methods.replay._base import Fill, ReplayMethod
 
 LossFn = Callable[[LightningModule, Any], Tensor]

@@ -8,8 +8,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_incremental.buffers import Policy
+from lightning_incremental.core import StepFn, add_to_loss
 from lightning_incremental.core.batch import batch_size_of, split_batch, split_inputs
-from lightning_incremental.core.callback import StepFn, add_to_loss
 from lightning_incremental.core.logits import LogitsCapture
 from lightning_incremental.methods.replay._base import Fill, ReplayMethod
 

@@ -7,7 +7,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from lightning_incremental.buffers import Policy
 from lightning_incremental.core.batch import batch_size_of, concat_batches
-from lightning_incremental.core.callback import StepFn
+from lightning_incremental.core import StepFn
 from lightning_incremental.methods.replay._base import Fill, ReplayMethod
 
 

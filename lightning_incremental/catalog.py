@@ -1,0 +1,102 @@
+"""The catalog of methods by name: what the command line, the benchmarks and the conformance suite run.
+
+The methods themselves live in their families (``lightning_incremental.methods.<family>``) and know nothing of
+this list. A new method joins by adding one :class:`MethodSpec` to :data:`METHODS` with its documented
+defaults; ``docs/architecture.md`` walks through it.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lightning.pytorch import Callback
+
+from lightning_incremental.methods.distillation.lwf import LwF
+from lightning_incremental.methods.fusion.weight_merging import WeightMerging
+from lightning_incremental.methods.partial.freeze import FreezeLayers
+from lightning_incremental.methods.regularization.ewc import EWC
+from lightning_incremental.methods.regularization.l2_anchor import L2Anchor
+from lightning_incremental.methods.regularization.mas import MAS
+from lightning_incremental.methods.regularization.si import SI
+from lightning_incremental.methods.replay.agem import AGEM
+from lightning_incremental.methods.replay.der import DER
+from lightning_incremental.methods.replay.experience_replay import ExperienceReplay
+from lightning_incremental.methods.replay.icarl import ICaRL
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How to run one method.
+
+    Attributes:
+        name: the name on the command line (``"ewc"``).
+        family: ``"baseline"``, ``"regularization"``, ``"replay"``, ``"distillation"``, ``"partial"``, ``"fusion"``.
+        summary: one line for ``--help`` and the README.
+        build: returns fresh callbacks with the method's documented defaults, for one run over a stream.
+        cumulative: train each task on the union of the tasks so far (the joint upper bound).
+    """
+
+    name: str
+    family: str
+    summary: str
+    build: Callable[[], list[Callback]]
+    cumulative: bool = False
+
+
+METHODS: list[MethodSpec] = [
+    MethodSpec("naive", "baseline", "Plain fine-tuning on each task in turn (the lower bound).", lambda: []),
+    MethodSpec(
+        "joint",
+        "baseline",
+        "Each task trains on the union of the tasks so far (the upper bound).",
+        lambda: [],
+        cumulative=True,
+    ),
+    MethodSpec("ewc", "regularization", "Elastic Weight Consolidation: Fisher-weighted penalty.", lambda: [EWC()]),
+    MethodSpec(
+        "online_ewc",
+        "regularization",
+        "Online EWC: one decayed Fisher, anchored at the last task.",
+        lambda: [EWC(mode="online", decay=0.9)],
+    ),
+    MethodSpec("si", "regularization", "Synaptic Intelligence: path-integral importance.", lambda: [SI()]),
+    MethodSpec("mas", "regularization", "Memory Aware Synapses: output-sensitivity importance.", lambda: [MAS()]),
+    MethodSpec("l2", "regularization", "L2 penalty towards the previous task's weights.", lambda: [L2Anchor()]),
+    MethodSpec("replay", "replay", "Experience replay from a 200-sample buffer.", lambda: [ExperienceReplay()]),
+    MethodSpec("der", "replay", "Dark Experience Replay: match the stored logits of 200 samples.", lambda: [DER()]),
+    MethodSpec(
+        "derpp", "replay", "DER++: stored logits and labels of 200 samples.", lambda: [DER(alpha=0.3, beta=1.0)]
+    ),
+    MethodSpec("agem", "replay", "A-GEM: project updates that would raise the memory's loss.", lambda: [AGEM()]),
+    MethodSpec(
+        "icarl",
+        "replay",
+        "iCaRL: 200 herding exemplars, distillation, nearest-mean-of-exemplars prediction.",
+        lambda: [ICaRL()],
+    ),
+    MethodSpec("lwf", "distillation", "Learning without Forgetting: distil the last model's outputs.", lambda: [LwF()]),
+    MethodSpec(
+        "freeze_backbone",
+        "partial",
+        "Train only the last layer (the head) from the second task on; the backbone stays fixed.",
+        lambda: [FreezeLayers(train_last=1, from_task=1)],
+    ),
+    MethodSpec(
+        "merge",
+        "fusion",
+        "Weight merging: interpolate halfway between the weights before and after each task.",
+        lambda: [WeightMerging()],
+    ),
+]
+
+
+def registry() -> dict[str, MethodSpec]:
+    """Every cataloged method by name, baselines first.
+
+    >>> list(registry())[:3]
+    ['naive', 'joint', 'ewc']
+    """
+    names = [spec.name for spec in METHODS]
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        raise RuntimeError(f"Method names cataloged twice: {duplicated}.")
+    return {spec.name: spec for spec in METHODS}
