@@ -59,7 +59,7 @@ def main() -> None:
             "naive": lambda: [],
             "der": lambda: [DER(buffer_size=BUFFER)],
             "derpp": lambda: [DER(buffer_size=BUFFER, beta=0.5)],
-            "agem": lambda: [AGEM(buffer_size=BUFFER, sample_size=64)],
+            "agem": lambda: [AGEM(buffer_size=BUFFER, replay_batch_size=64)],
         },
         repeats=args.repeats,
         steps=args.steps,

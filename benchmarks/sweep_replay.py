@@ -46,7 +46,7 @@ GRID: Grid = {
         for b in (0.5, 1.0, 2.0)
         for k in (32, 64)
     ],
-    "agem": [(f"sample {k}", lambda k=k: [AGEM(sample_size=k)]) for k in (64, 200)],
+    "agem": [(f"sample {k}", lambda k=k: [AGEM(replay_batch_size=k)]) for k in (64, 200)],
 }
 
 

@@ -249,11 +249,12 @@ class KeepOptimizerState(ContinualCallback):
                 continue
             old_shape = torch.Size(kept[name]["shape"])
             if not is_growth(old_shape, p.shape):
+                renamed = f" (the parameter {name!r} was)" if names[id(p)] != name else ""
                 raise ValueError(
-                    f"Parameter {names[id(p)]!r} had shape {tuple(old_shape)} at the end of the last task (as "
-                    f"{name!r}) and has {tuple(p.shape)} now: KeepOptimizerState carries state only to the same or a "
-                    f"grown shape. If it was replaced on purpose, call `reset({name!r})` on the callback before this "
-                    "fit to start it fresh."
+                    f"Parameter {names[id(p)]!r}{renamed} had shape {tuple(old_shape)} at the end of the last task and "
+                    f"has {tuple(p.shape)} now: KeepOptimizerState carries state only to the same or a grown shape. "
+                    f"If it was replaced on purpose, call `reset({name!r})` on the callback before this fit to start "
+                    "it fresh."
                 )
             try:
                 state[index] = grow_param_state(kept[name]["state"], old_shape, p.shape)

@@ -178,7 +178,7 @@ def test_logits_capture_discovers_names_and_explains_failures(split_stream):
 def test_batch_without_labels_gets_a_clear_error():
     with pytest.raises(ValueError, match="needs labelled batches"):
         split_batch([torch.zeros(4, 2)])
-    with pytest.raises(KeyError, match="Pass `target_key=`"):
+    with pytest.raises(KeyError, match=r"Pass `model_interface=ModelInterface\(target_key=...\)`"):
         split_batch({"x": torch.zeros(4, 2)})
     assert split_batch({"pixels": torch.zeros(1), "cls": torch.ones(1)}, "pixels", "cls")[1].item() == 1
 

@@ -211,7 +211,7 @@ def test_agem_projection_removes_exactly_the_conflicting_component():
 
 def test_agem_constrains_a_new_task_by_the_memory_of_the_earlier_ones(split_stream):
     model = tiny_model(split_stream)
-    agem = AGEM(buffer_size=40, sample_size=16)
+    agem = AGEM(buffer_size=40, replay_batch_size=16)
     trainer(2, [agem]).fit(model, train_loader(split_stream[0]))
     assert agem.projections == 0  # no memory yet: the first task trains unconstrained
     assert len(agem.buffer) == 40 and set(agem.buffer.storage[1].tolist()) == {0, 1}
@@ -266,7 +266,7 @@ def test_ddp_ranks_hold_shares_of_one_global_buffer_and_the_checkpoint_holds_all
         (lambda: ExperienceReplay(replay_batch_size=0), "replay_batch_size"),
         (lambda: DER(alpha=-1.0), "alpha"),
         (lambda: DER(beta=-0.1), "beta"),
-        (lambda: AGEM(sample_size=0), "sample_size"),
+        (lambda: AGEM(replay_batch_size=0), "replay_batch_size"),
     ],
 )
 def test_bad_arguments_name_the_argument(build, message):

@@ -8,12 +8,32 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 
 from lightning_incremental.core import ContinualCallback
+from lightning_incremental.methods.fusion.functional import (
+    Statistics,
+    TensorDict,
+    drop_and_rescale,
+    fisher_merge,
+    fisher_update,
+    magmax_merge,
+    magmax_update,
+    sum_merge,
+    sum_update,
+    task_vector,
+    ties_merge,
+    ties_update,
+    trim_top_k,
+)
+from lightning_incremental.methods.regularization.ewc import EWC
 
-Mode = Literal["interpolate", "average"]
+Mode = Literal["interpolate", "average", "task_arithmetic", "ties", "dare", "magmax", "fisher"]
+_MODES: tuple[str, ...] = ("interpolate", "average", "task_arithmetic", "ties", "dare", "magmax", "fisher")
+_TASK_VECTOR_MODES: tuple[str, ...] = ("task_arithmetic", "ties", "dare", "magmax", "fisher")
 
 
 class WeightMerging(ContinualCallback):
     r"""At the end of every task, replace the trained weights by a merge with the earlier ones.
+
+    **Merging with the previous weights.**
 
     - ``mode="interpolate"``: at task start a copy of the weights ``theta_old`` is kept (fp32, on the
       model's device); at task end ``theta = (1 - alpha) * theta_old + alpha * theta_new``. ``alpha=0`` gives
@@ -21,17 +41,63 @@ class WeightMerging(ContinualCallback):
     - ``mode="average"``: ``theta`` becomes the mean of the post-task weights of every task so far, kept as
       a running average ``avg_k = avg_{k-1} + (theta_k - avg_{k-1}) / k`` (fp32); ``alpha`` is not used.
 
-    The first task this callback trains has nothing to merge with: its weights stay as trained. The next task
-    starts from the merged weights.
+    In these two modes the first task this callback trains has nothing to merge with: its weights stay as
+    trained.
+
+    **Merging task vectors** (``"task_arithmetic"``, ``"ties"``, ``"dare"``, ``"magmax"``, ``"fisher"``). The
+    sequential setting, precisely:
+
+    - the base weights ``theta_0`` are the weights at the start of the first task this callback trains;
+    - every task starts from the current merged model and trains it to ``theta_t``;
+    - its task vector is ``tau_t = theta_t - theta_0``;
+    - at its end the model becomes ``theta_0 + scale * merge(tau_1, ..., tau_t)``, where ``merge`` is
+
+      - ``"task_arithmetic"``: the sum ``sum_t tau_t`` (Ilharco et al., 2023);
+      - ``"dare"``: the sum of the task vectors after DARE's drop-and-rescale (Yu et al., 2024): each entry
+        is zeroed with probability ``drop_prob`` and the kept ones are divided by ``1 - drop_prob``, so each
+        term equals ``tau_t`` in expectation; the draws come from a generator seeded with ``seed``, whose
+        state is in the checkpoint;
+      - ``"ties"`` (Yadav et al., 2023): trim each task vector to the ``top_k`` fraction of its entries of
+        largest magnitude (over the whole model), elect each entry's sign as that of the sum of the trimmed
+        vectors, and take the mean of the trimmed values that agree with it (the disjoint mean);
+      - ``"magmax"`` (Marczak et al., 2024): per entry, the value of the task vector of largest magnitude;
+      - ``"fisher"`` (Matena & Raffel, 2022): the Fisher-weighted mean ``sum_t F_t tau_t / sum_t F_t``, so
+        with ``scale=1`` the model is ``sum_t F_t theta_t / sum_t F_t``. ``F_t`` is the diagonal Fisher that
+        an :class:`~lightning_incremental.methods.regularization.EWC` callback in the same Trainer computes
+        at the end of task ``t`` on the trained weights ``theta_t``, floored at ``fisher_floor`` as Matena &
+        Raffel do. EWC must come *before* this callback in ``callbacks=[...]`` (both act at the task end, in
+        list order) and consolidate only at task ends; ``EWC(lambda_=0.0)`` gives the Fisher without adding
+        a penalty. Parameters EWC does not cover in a task (frozen ones) get Fisher 0 for it, so only the
+        floor weights them; buffers get weight 1 in every task, i.e. the mean of their task vectors.
+
+    This definition applies from the first task on: with ``"ties"`` or ``"dare"`` even the first task's
+    weights are trimmed or dropped. The pure math is in :mod:`lightning_incremental.methods.fusion.functional`.
+
+    Because every task starts from the merged model, ``tau_t`` contains what the earlier tasks contributed.
+    The averaging merges (``ties``, ``magmax``, ``fisher``) keep the merged model within the range of the
+    task vectors, but a sum does not: with ``"task_arithmetic"`` and ``"dare"`` a task that changes nothing
+    gives ``tau_t = scale * sum_{s<t} tau_s``, so the distance to ``theta_0`` grows like ``(1 + scale)^t``
+    over a long stream. Use a small ``scale`` (about ``1 / number of tasks``) with them.
+
+    **Memory** does not depend on the number of tasks in any mode. In copies of the model's floating-point
+    tensors (in fp32) held between tasks: ``interpolate`` none (one during a task), ``average`` one,
+    ``task_arithmetic``, ``dare`` and ``magmax`` two (``theta_0`` and the running sum or largest-magnitude
+    tensor), ``ties`` five (``theta_0``, the sums of the positive and of the negative trimmed entries and
+    their int32 counts), ``fisher`` three (``theta_0``, ``sum F tau``, ``sum F``) plus one during a task
+    (EWC's importance at the task start, whose growth gives the task's Fisher), beside EWC's own two. A merge
+    needs up to three more copies while it runs. The cost of a merge on a real model is measured by
+    ``benchmarks/merge_cost.py`` (numbers in ``benchmarks/RESULTS.md``).
 
     Buffers are merged like the weights: floating-point buffers such as BatchNorm's ``running_mean`` and
-    ``running_var`` get the same interpolation or average, integer buffers such as ``num_batches_tracked``
-    keep the new value. The merge runs in ``on_train_end``, so callbacks after this one in the list (e.g.
-    :class:`~lightning_incremental.ContinualEvaluation`) see the merged model.
+    ``running_var`` get the same merge, integer buffers such as ``num_batches_tracked`` keep the new value.
+    The merge runs in ``on_train_end``, so callbacks after this one in the list (e.g.
+    :class:`~lightning_incremental.ContinualEvaluation`) see the merged model. The model must keep the same
+    tensor names and shapes from task to task (a classifier that grows is refused).
 
-    The copy of the weights from the task start (``interpolate``) and the running average (``average``) are
-    in ``state_dict``, so a fit resumed mid-task merges exactly as the uninterrupted one. Under DDP every
-    rank holds the same weights, so every rank computes the same merge.
+    **State.** Everything a merge needs (the copy of the weights, the running statistics, the DARE
+    generator's state) is in ``state_dict`` as fp32 CPU tensors, so a fit resumed mid-task merges exactly as
+    the uninterrupted one. Under DDP every rank holds the same weights (and EWC the same Fisher), so every
+    rank computes the same merge.
 
     For an average of the weights *during* a task (EMA, SWA), use Lightning's own
     ``lightning.pytorch.callbacks.EMAWeightAveraging`` or its base ``WeightAveraging`` (or
@@ -39,7 +105,13 @@ class WeightMerging(ContinualCallback):
 
     Args:
         alpha: the weight of the new task's weights in ``"interpolate"`` mode, in ``[0, 1]``.
-        mode: ``"interpolate"`` or ``"average"``.
+        mode: ``"interpolate"``, ``"average"``, ``"task_arithmetic"``, ``"ties"``, ``"dare"``, ``"magmax"``
+            or ``"fisher"``.
+        scale: the scale ``lambda`` of the merged task vector (> 0), in the task-vector modes.
+        top_k: the fraction of each task vector's entries that TIES keeps, in ``(0, 1]``.
+        drop_prob: the probability with which DARE drops an entry, in ``[0, 1)``.
+        seed: the seed of DARE's random generator (an integer >= 0).
+        fisher_floor: the smallest Fisher value Fisher merging uses (> 0).
 
     Example::
 
@@ -56,41 +128,101 @@ class WeightMerging(ContinualCallback):
         ...         after_first = model.net[0].weight.detach().clone()
         >>> torch.equal(model.net[0].weight, after_first)
         True
+
+    Fisher merging beside EWC, which must come first in the list:
+
+        >>> from lightning_incremental.methods.regularization import EWC
+        >>> merge = WeightMerging(mode="fisher")
+        >>> for task in stream:
+        ...     trainer = L.Trainer(max_epochs=1, callbacks=[EWC(lambda_=0.0), merge], logger=False,
+        ...                         enable_progress_bar=False, enable_checkpointing=False,
+        ...                         enable_model_summary=False)
+        ...     trainer.fit(model, task.train_dataloader(batch_size=16))
+        >>> sorted(merge.statistics), sorted(merge.statistics["fisher_sum"])[:2]
+        (['fisher_sum', 'weighted_sum'], ['net.0.bias', 'net.0.weight'])
     """
 
-    def __init__(self, alpha: float = 0.5, mode: Mode = "interpolate") -> None:
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        mode: Mode = "interpolate",
+        scale: float = 1.0,
+        top_k: float = 0.2,
+        drop_prob: float = 0.5,
+        seed: int = 0,
+        fisher_floor: float = 1e-6,
+    ) -> None:
         super().__init__()
-        if not isinstance(alpha, int | float) or not math.isfinite(alpha) or not 0 <= alpha <= 1:
+        if not _is_number(alpha) or not 0 <= alpha <= 1:
             raise ValueError(f"`alpha` must be in [0, 1] (0 keeps the old weights, 1 the new ones), got {alpha!r}.")
-        if mode not in ("interpolate", "average"):
-            raise ValueError(f"`mode` must be 'interpolate' or 'average', got {mode!r}.")
-        self.alpha, self.mode = float(alpha), mode
+        if mode not in _MODES:
+            raise ValueError(f"`mode` must be one of {', '.join(repr(m) for m in _MODES)}, got {mode!r}.")
+        if not _is_number(scale) or not scale > 0:
+            raise ValueError(
+                f"`scale` must be a finite number > 0 (1 adds the merged task vector as is), got {scale!r}."
+            )
+        if not _is_number(top_k) or not 0 < top_k <= 1:
+            raise ValueError(f"`top_k` must be in (0, 1] (the fraction of each task vector TIES keeps), got {top_k!r}.")
+        if not _is_number(drop_prob) or not 0 <= drop_prob < 1:
+            raise ValueError(f"`drop_prob` must be in [0, 1) (the probability DARE drops an entry), got {drop_prob!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"`seed` must be an integer >= 0, got {seed!r}.")
+        if not _is_number(fisher_floor) or not fisher_floor > 0:
+            raise ValueError(
+                f"`fisher_floor` must be a finite number > 0 (it keeps every entry's total weight positive), got "
+                f"{fisher_floor!r}; 1e-6 is Matena & Raffel's."
+            )
+        self.alpha, self.mode, self.scale = float(alpha), mode, float(scale)
+        self.top_k, self.drop_prob = float(top_k), float(drop_prob)
+        self.seed, self.fisher_floor = seed, float(fisher_floor)
         self.start_weights: dict[str, Tensor] = {}  # interpolate: the weights at the start of the current task
         self.average: dict[str, Tensor] = {}  # average: the running mean of the post-task weights
         self.averaged_tasks = 0
+        self.base: dict[str, Tensor] = {}  # task-vector modes: theta_0
+        self.statistics: Statistics = {}  # task-vector modes: the running statistics of the merge
+        self.fisher_at_task_start: dict[str, Tensor] = {}  # fisher: EWC's importance when the task started
+        self.generator = torch.Generator().manual_seed(seed)  # dare: the drop masks, on the CPU
 
     # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.mode == "fisher":
+            self._ewc(trainer)  # refuse a Trainer without a usable EWC before the first step
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        for weights in (self.start_weights, self.average):  # restored from a checkpoint on the CPU
-            for name, tensor in weights.items():
+        for weights in (
+            self.start_weights,
+            self.average,
+            self.base,
+            self.fisher_at_task_start,
+            *self.statistics.values(),
+        ):
+            for name, tensor in weights.items():  # restored from a checkpoint on the CPU
                 weights[name] = tensor.to(pl_module.device)
         super().on_fit_start(trainer, pl_module)
 
     def on_task_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.mode == "interpolate" and self.tasks_completed > 0:
             self.start_weights = _snapshot(pl_module)
+        if self.mode in _TASK_VECTOR_MODES and not self.base:
+            self.base = _snapshot(pl_module)
+        if self.mode == "fisher":
+            importance = self._ewc(trainer).importance
+            self.fisher_at_task_start = {name: tensor.detach().clone() for name, tensor in importance.items()}
 
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.mode == "interpolate":
             if self.start_weights:
                 _merge_into(pl_module, self.start_weights, self.alpha)
                 self.start_weights = {}
-            return
-        self.averaged_tasks += 1
-        if self.averaged_tasks == 1:
-            self.average = _snapshot(pl_module)
-            return
-        self.average = _merge_into(pl_module, self.average, 1.0 / self.averaged_tasks)
+        elif self.mode == "average":
+            self.averaged_tasks += 1
+            if self.averaged_tasks == 1:
+                self.average = _snapshot(pl_module)
+            else:
+                self.average = _merge_into(pl_module, self.average, 1.0 / self.averaged_tasks)
+        else:
+            self._merge_task_vector(trainer, pl_module)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -99,6 +231,10 @@ class WeightMerging(ContinualCallback):
             "start_weights": _to_cpu(self.start_weights),
             "average": _to_cpu(self.average),
             "averaged_tasks": self.averaged_tasks,
+            "base": _to_cpu(self.base),
+            "statistics": {key: _to_cpu(statistic) for key, statistic in self.statistics.items()},
+            "fisher_at_task_start": _to_cpu(self.fisher_at_task_start),
+            "generator_state": self.generator.get_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -106,6 +242,94 @@ class WeightMerging(ContinualCallback):
         self.start_weights = dict(state_dict["start_weights"])
         self.average = dict(state_dict["average"])
         self.averaged_tasks = int(state_dict["averaged_tasks"])
+        self.base = dict(state_dict["base"])
+        self.statistics = {key: dict(statistic) for key, statistic in state_dict["statistics"].items()}
+        self.fisher_at_task_start = dict(state_dict["fisher_at_task_start"])
+        self.generator.set_state(state_dict["generator_state"])
+
+    # ------------------------------------------------------------------ helpers
+    @torch.no_grad()
+    def _merge_task_vector(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Fold this task's vector into the statistics and set the model to ``theta_0 + scale * merge``."""
+        current = _floating_tensors(pl_module)
+        _check_same_tensors(current, self.base, "since the first task")
+        tau = task_vector(current, self.base)
+        if self.mode == "task_arithmetic":
+            merged = sum_merge(sum_update(self.statistics, tau))
+        elif self.mode == "dare":
+            merged = sum_merge(sum_update(self.statistics, drop_and_rescale(tau, self.drop_prob, self.generator)))
+        elif self.mode == "ties":
+            merged = ties_merge(ties_update(self.statistics, trim_top_k(tau, self.top_k)))
+        elif self.mode == "magmax":
+            merged = magmax_merge(magmax_update(self.statistics, tau))
+        else:
+            fisher = self._task_fisher(trainer, pl_module, tau)
+            merged = fisher_merge(fisher_update(self.statistics, tau, fisher, self.fisher_floor))
+            self.fisher_at_task_start = {}
+        del tau
+        for name, tensor in current.items():
+            tensor.copy_(self.base[name].add(merged[name], alpha=self.scale))
+
+    def _task_fisher(self, trainer: Trainer, pl_module: LightningModule, tau: TensorDict) -> dict[str, Tensor]:
+        """This task's diagonal Fisher per tensor: what EWC's importance gained since the task started.
+
+        EWC folds each task's Fisher ``F_t`` into its importance, ``sum_t F_t`` (``"separate"``) or
+        ``decay * old + F_t`` (``"online"``), so ``F_t`` is the new importance minus (decay times) the one
+        recorded at the task start; a rounding below zero is clipped. Parameters EWC did not cover in this
+        task (they did not require grad) get 0 and buffers 1.
+        """
+        ewc = self._ewc(trainer)
+        decay = ewc.decay if ewc.mode == "online" else 1.0
+        covered = {name for name, p in pl_module.named_parameters() if p.requires_grad and name in ewc.importance}
+        parameters = dict(pl_module.named_parameters())
+        fisher = {}
+        for name, vector in tau.items():
+            if name not in parameters:
+                fisher[name] = torch.ones_like(vector)
+            elif name not in covered:
+                fisher[name] = torch.zeros_like(vector)
+            else:
+                gained = ewc.importance[name].float()
+                if name in self.fisher_at_task_start:
+                    gained = gained - decay * self.fisher_at_task_start[name]
+                fisher[name] = gained.clamp(min=0)
+        return fisher
+
+    def _ewc(self, trainer: Trainer) -> EWC:
+        """The one EWC callback before this one in the Trainer, whose Fisher ``mode="fisher"`` merges with."""
+        found = [callback for callback in trainer.callbacks if isinstance(callback, EWC)]
+        fix = (
+            "callbacks=[EWC(...), WeightMerging(mode='fisher'), ...] (EWC(lambda_=0.0) computes the Fisher without "
+            "a penalty)"
+        )
+        if not found:
+            raise RuntimeError(
+                "WeightMerging(mode='fisher') weights every task vector by the diagonal Fisher information that "
+                f"EWC computes at each task end, and this Trainer has no EWC callback. Add one before it: {fix}."
+            )
+        if len(found) > 1:
+            raise RuntimeError(
+                f"WeightMerging(mode='fisher') found {len(found)} EWC callbacks in this Trainer and cannot tell whose "
+                f"Fisher to merge with; keep one: {fix}."
+            )
+        ewc = found[0]
+        if trainer.callbacks.index(ewc) > trainer.callbacks.index(self):
+            raise RuntimeError(
+                "WeightMerging(mode='fisher') comes before EWC in the Trainer's callbacks, but both act at the task "
+                "end in list order and the merge needs the Fisher EWC computes there, on the trained weights. Put "
+                f"EWC first: {fix}."
+            )
+        if ewc.consolidate_every_n_steps is not None:
+            raise RuntimeError(
+                "WeightMerging(mode='fisher') needs one Fisher per task, but EWC(consolidate_every_n_steps="
+                f"{ewc.consolidate_every_n_steps}) also consolidates during the task. Use EWC(consolidate_every_n_steps"
+                "=None) beside it."
+            )
+        return ewc
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _floating_tensors(module: nn.Module) -> dict[str, Tensor]:
@@ -122,20 +346,25 @@ def _to_cpu(weights: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name: tensor.detach().to("cpu", copy=True) for name, tensor in weights.items()}
 
 
+def _check_same_tensors(current: dict[str, Tensor], reference: dict[str, Tensor], since: str) -> None:
+    """Refuse to merge when the model's floating-point tensors are not those of ``reference`` (names, shapes)."""
+    changed = sorted(
+        name
+        for name in current.keys() | reference.keys()
+        if name not in current or name not in reference or current[name].shape != reference[name].shape
+    )
+    if changed:
+        raise RuntimeError(
+            f"WeightMerging: the model's tensors changed {since} ({', '.join(changed[:8])}); merging needs the "
+            "same names and shapes before and after a task."
+        )
+
+
 @torch.no_grad()
 def _merge_into(module: nn.Module, reference: dict[str, Tensor], weight: float) -> dict[str, Tensor]:
     """``t = lerp(reference, t, weight)`` for every floating-point tensor of ``module``; returns the fp32 merge."""
     current = _floating_tensors(module)
-    if current.keys() != reference.keys() or any(current[n].shape != reference[n].shape for n in reference):
-        changed = sorted(
-            name
-            for name in current.keys() | reference.keys()
-            if name not in current or name not in reference or current[name].shape != reference[name].shape
-        )
-        raise RuntimeError(
-            f"WeightMerging: the model's tensors changed during the task ({', '.join(changed[:8])}); merging "
-            "needs the same names and shapes before and after a task."
-        )
+    _check_same_tensors(current, reference, "during the task")
     merged = {name: torch.lerp(reference[name], tensor.float(), weight) for name, tensor in current.items()}
     for name, tensor in current.items():
         tensor.copy_(merged[name])

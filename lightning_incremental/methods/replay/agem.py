@@ -7,20 +7,12 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor
-from torch.nn import functional as F
 
 from lightning_incremental.buffers import Policy
-from lightning_incremental.core import StepFn
-from lightning_incremental.core.batch import split_batch
+from lightning_incremental.core import ModelInterface, Step, StepChain, check_interface_argument
 from lightning_incremental.methods.replay._base import Fill, ReplayMethod
 
 LossFn = Callable[[LightningModule, Any], Tensor]
-
-
-def classification_loss(pl_module: LightningModule, batch: Any) -> Tensor:
-    """Cross-entropy of ``pl_module(x)`` against ``y``: the default reference loss."""
-    inputs, targets = split_batch(batch)
-    return F.cross_entropy(pl_module(inputs).float(), targets)
 
 
 def project_conflicting(grads: list[Tensor], references: list[Tensor]) -> Tensor:
@@ -44,19 +36,22 @@ class AGEM(ReplayMethod):
 
     As in the paper, the memory holds earlier tasks only: by default (``fill="task_end"``) each task's rows
     are offered to the buffer (reservoir) when the task ends. Before every optimizer step the reference gradient
-    ``g_ref`` of ``loss_fn`` on ``sample_size`` buffer rows is computed with ``torch.autograd.grad`` (the
+    ``g_ref`` of the user's own loss (their ``training_step`` run on the rows, logging muted; or ``loss_fn``) on
+    ``replay_batch_size`` buffer rows is computed with ``torch.autograd.grad`` (the
     parameters' ``.grad`` is not touched) and averaged over DDP ranks; if the update's gradient ``g``
     points against it (``g . g_ref < 0``) it is replaced by ``g - (g . g_ref / g_ref . g_ref) g_ref``.
     The test is done on the device, without a host sync, as ``g -= min(g . g_ref, 0) / |g_ref|^2 * g_ref``.
 
     Args:
         buffer_size: rows the buffer holds (over all DDP ranks).
-        sample_size: buffer rows per reference gradient (per rank).
-        loss_fn: ``loss_fn(pl_module, batch) -> loss``; default cross-entropy of ``pl_module(x)``.
+        replay_batch_size: buffer rows per reference gradient (per rank).
+        loss_fn: ``loss_fn(pl_module, batch) -> loss``; default: the loss of the user's ``training_step``.
         policy: the buffer's policy.
         fill: when rows enter the buffer: ``"task_end"`` (the paper), ``"stream"`` (task-free; the memory then
             also holds the current task, which weakens the constraint) or ``"first_epoch"``.
         seed: seed of the buffer's sampling.
+        model_interface: how to read the targets of a batch (for the buffer's policy); default: the model's
+            ``continual_interface``, else :class:`~lightning_incremental.ModelInterface`'s defaults.
 
     Example::
 
@@ -64,7 +59,7 @@ class AGEM(ReplayMethod):
         >>> from lightning_incremental import MLPClassifier
         >>> from lightning_incremental.scenarios import synthetic_stream
         >>> stream, model = synthetic_stream(n_tasks=2), MLPClassifier(16, 4, hidden=(8,), lr=1e-2)
-        >>> agem = AGEM(buffer_size=50, sample_size=16)
+        >>> agem = AGEM(buffer_size=50, replay_batch_size=16)
         >>> for task in stream:
         ...     trainer = L.Trainer(max_epochs=2, callbacks=[agem], logger=False, enable_progress_bar=False,
         ...                         enable_checkpointing=False, enable_model_summary=False)
@@ -76,22 +71,28 @@ class AGEM(ReplayMethod):
     def __init__(
         self,
         buffer_size: int = 200,
-        sample_size: int = 64,
+        replay_batch_size: int = 64,
         loss_fn: LossFn | None = None,
         policy: Policy = "reservoir",
         fill: Fill = "task_end",
         seed: int = 0,
+        model_interface: ModelInterface | None = None,
     ) -> None:
         super().__init__(buffer_size, policy, fill, seed)
-        if sample_size < 1:
-            raise ValueError(f"`sample_size` must be a positive integer, got {sample_size}.")
-        self.sample_size = sample_size
-        self.loss_fn = loss_fn or classification_loss
+        if replay_batch_size < 1:
+            raise ValueError(f"`replay_batch_size` must be a positive integer, got {replay_batch_size}.")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(
+                f"`loss_fn` must be a callable `loss_fn(pl_module, batch) -> loss` or None, got {loss_fn!r}."
+            )
+        self.replay_batch_size = replay_batch_size
+        self.loss_fn = loss_fn
+        self.model_interface = check_interface_argument(model_interface)
         self.projections = 0  # steps whose gradient was projected (read on the host only at task end)
         self._projected = torch.zeros((), dtype=torch.long)
         self._template: Any = None
 
-    def wrap_training_step(self, trainer: Trainer, pl_module: LightningModule, batch: Any, step: StepFn) -> STEP_OUTPUT:
+    def wrap_training_step(self, trainer: Trainer, pl_module: LightningModule, batch: Any, step: Step) -> STEP_OUTPUT:
         output = step(batch)
         self._template = batch
         if self.inserts_now(trainer):
@@ -103,9 +104,11 @@ class AGEM(ReplayMethod):
     ) -> None:
         if not len(self.buffer) or self._template is None:
             return
-        replayed, _ = self.replay(self._template, self.sample_size)
+        replayed, _ = self.replay(self._template, self.replay_batch_size)
         with torch.enable_grad(), trainer.precision_plugin.forward_context():
-            loss = self.loss_fn(pl_module, replayed)
+            loss = self._reference_loss(pl_module, replayed)
+        if loss is None:  # the user's training_step skipped these rows
+            return
         references = torch.autograd.grad(loss, params, allow_unused=True)
         references = [
             torch.zeros_like(p) if r is None else r.to(g.dtype)
@@ -119,6 +122,13 @@ class AGEM(ReplayMethod):
             references = [r.view_as(p) for r, p in zip(references, params, strict=True)]
         projected = project_conflicting(grads, references)
         self._projected = self._projected.to(projected.device) + projected
+
+    def _reference_loss(self, pl_module: LightningModule, batch: Any) -> Tensor | None:
+        if self.loss_fn is not None:
+            return self.loss_fn(pl_module, batch)
+        chain = StepChain.of(pl_module)
+        assert chain is not None  # AGEM wraps the step, so the chain is attached during the fit
+        return chain.user_loss(batch)
 
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_task_end(trainer, pl_module)

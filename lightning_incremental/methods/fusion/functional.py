@@ -1,0 +1,200 @@
+r"""Merging task vectors, one task at a time: the math behind :class:`WeightMerging`'s merge modes.
+
+A *task vector* is a mapping from tensor names to fp32 tensors, ``tau = theta_after - theta_0``: what training
+changed relative to base weights ``theta_0`` (:func:`task_vector`). Every merge here is **sequential**: an
+``*_update`` function folds one more task vector into running *statistics* (a ``dict`` of named-tensor
+dicts, updated in place and returned) whose size does not depend on how many task vectors went in, and the
+matching ``*_merge`` function turns the statistics into the merged task vector ``m``. The merged weights are
+``theta_0 + scale * m``.
+
+- **Task arithmetic** (Ilharco et al., 2023): ``m = sum_t tau_t`` (:func:`sum_update`, :func:`sum_merge`).
+- **DARE** (Yu et al., 2024): each task vector first goes through :func:`drop_and_rescale`, then into the sum.
+- **TIES** (Yadav et al., 2023): each task vector is trimmed to its largest-magnitude entries
+  (:func:`trim_top_k`); per entry the sign with the larger total mass is elected and ``m`` is the mean of
+  the trimmed values that agree with it (:func:`ties_update`, :func:`ties_merge`).
+- **MagMax** (Marczak et al., 2024): per entry, the value of largest magnitude over all task vectors
+  (:func:`magmax_update`, :func:`magmax_merge`).
+- **Fisher merging** (Matena & Raffel, 2022): ``m = sum_t F_t tau_t / sum_t F_t`` with each diagonal Fisher
+  floored, ``F_t = max(F_t, floor)`` (:func:`fisher_update`, :func:`fisher_merge`).
+
+All statistics are fp32 (TIES's counts int32) on the task vectors' device; the update functions never keep
+a reference to the task vector they are given.
+"""
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+TensorDict = dict[str, Tensor]
+Statistics = dict[str, TensorDict]
+
+
+def task_vector(weights: Mapping[str, Tensor], base: Mapping[str, Tensor]) -> TensorDict:
+    """``tau = weights - base`` in fp32, name by name (``base``'s names, which ``weights`` must all have).
+
+    >>> task_vector({"w": torch.tensor([1.5, 2.0])}, {"w": torch.tensor([1.0, 3.0])})
+    {'w': tensor([ 0.5000, -1.0000])}
+    """
+    return {name: weights[name].detach().float() - reference.float() for name, reference in base.items()}
+
+
+def trim_top_k(task_vector: Mapping[str, Tensor], top_k: float) -> TensorDict:
+    """TIES's trim: keep the ``top_k`` fraction of entries of largest magnitude, zero the rest.
+
+    The fraction is taken over the whole task vector (all tensors together, as Yadav et al. do), not per
+    tensor: ``ceil(top_k * n)`` of its ``n`` entries are kept, and every entry whose magnitude ties with
+    the smallest kept one is kept too.
+
+    >>> trimmed = trim_top_k({"a": torch.tensor([0.1, -4.0, 0.3]), "b": torch.tensor([2.0, -0.2, 0.0])}, 0.5)
+    >>> trimmed["a"], trimmed["b"]
+    (tensor([ 0.0000, -4.0000,  0.3000]), tensor([2., -0., 0.]))
+    """
+    if not 0 < top_k <= 1:
+        raise ValueError(f"`top_k` must be in (0, 1] (the fraction of entries kept), got {top_k!r}.")
+    magnitudes = torch.cat([tensor.detach().abs().flatten() for tensor in task_vector.values()])
+    total = magnitudes.numel()
+    keep = math.ceil(top_k * total)
+    if keep >= total:
+        return {name: tensor.clone() for name, tensor in task_vector.items()}
+    threshold = magnitudes.kthvalue(total - keep + 1).values
+    del magnitudes
+    return {name: tensor * (tensor.abs() >= threshold) for name, tensor in task_vector.items()}
+
+
+def drop_and_rescale(
+    task_vector: Mapping[str, Tensor], drop_prob: float, generator: torch.Generator | None = None
+) -> TensorDict:
+    """DARE: set each entry to zero with probability ``drop_prob`` and divide the kept ones by ``1 - drop_prob``.
+
+    The result equals ``task_vector`` in expectation. The random draws come from ``generator`` (a CPU
+    generator; the global one when ``None``), tensor by tensor in the mapping's order, so the same seed gives
+    the same masks on any device.
+
+    >>> drop_and_rescale({"w": torch.arange(1.0, 9.0)}, 0.5, torch.Generator().manual_seed(0))
+    {'w': tensor([ 0.,  4.,  0.,  0.,  0., 12.,  0., 16.])}
+    """
+    if not 0 <= drop_prob < 1:
+        raise ValueError(f"`drop_prob` must be in [0, 1) (the probability to drop an entry), got {drop_prob!r}.")
+    dropped = {}
+    for name, tensor in task_vector.items():
+        keep = torch.rand(tensor.shape, generator=generator) >= drop_prob
+        dropped[name] = tensor * keep.to(tensor.device) / (1 - drop_prob)
+    return dropped
+
+
+def sum_update(statistics: Statistics, task_vector: Mapping[str, Tensor]) -> Statistics:
+    """Task arithmetic (and DARE): add ``task_vector`` to the running sum ``statistics["sum"]``.
+
+    >>> statistics = sum_update({}, {"w": torch.tensor([1.0, -2.0])})
+    >>> sum_merge(sum_update(statistics, {"w": torch.tensor([0.5, 0.5])}))
+    {'w': tensor([ 1.5000, -1.5000])}
+    """
+    total = statistics.setdefault("sum", {})
+    for name, tensor in task_vector.items():
+        _running(total, name, tensor).add_(tensor)
+    return statistics
+
+
+def sum_merge(statistics: Statistics) -> TensorDict:
+    """The merged task vector of task arithmetic: the sum of the task vectors."""
+    return {name: tensor.clone() for name, tensor in statistics["sum"].items()}
+
+
+def ties_update(statistics: Statistics, trimmed: Mapping[str, Tensor]) -> Statistics:
+    """TIES: fold a trimmed task vector into the sums and counts of its positive and of its negative entries.
+
+    These four running tensors are all the sign election and the disjoint mean need, so merging the task
+    vectors one at a time gives exactly the merge of all of them at once.
+    """
+    for key in ("positive_sum", "negative_sum", "positive_count", "negative_count"):
+        statistics.setdefault(key, {})
+    for name, tensor in trimmed.items():
+        _running(statistics["positive_sum"], name, tensor).add_(tensor.clamp(min=0))
+        _running(statistics["negative_sum"], name, tensor).add_(tensor.clamp(max=0))
+        _running(statistics["positive_count"], name, tensor, torch.int32).add_(tensor > 0)
+        _running(statistics["negative_count"], name, tensor, torch.int32).add_(tensor < 0)
+    return statistics
+
+
+def ties_merge(statistics: Statistics) -> TensorDict:
+    """TIES: elect each entry's sign and average the trimmed values that agree with it (the disjoint mean).
+
+    The elected sign is that of the entry's total, ``sum_t trimmed_t``; where the total is exactly zero, the
+    sign most entries of the whole vector elected (``+`` on a tie). An entry that no task vector kept is 0.
+
+    >>> statistics = ties_update({}, {"w": torch.tensor([1.0, -2.0, 0.0])})
+    >>> ties_merge(ties_update(statistics, {"w": torch.tensor([3.0, 1.0, 0.0])}))
+    {'w': tensor([ 2., -2.,  0.])}
+    """
+    positive, negative = statistics["positive_sum"], statistics["negative_sum"]
+    votes = 0
+    for name in positive:
+        total = positive[name] + negative[name]
+        votes += int((total > 0).sum()) - int((total < 0).sum())
+    majority = 1.0 if votes >= 0 else -1.0
+    merged = {}
+    for name in positive:
+        sign = torch.sign(positive[name] + negative[name])
+        elected_positive = torch.where(sign == 0, majority, sign) > 0
+        merged[name] = torch.where(
+            elected_positive,
+            positive[name] / statistics["positive_count"][name].clamp(min=1),
+            negative[name] / statistics["negative_count"][name].clamp(min=1),
+        )
+    return merged
+
+
+def magmax_update(statistics: Statistics, task_vector: Mapping[str, Tensor]) -> Statistics:
+    """MagMax: keep, per entry, the value of largest magnitude seen so far (the later task vector on a tie).
+
+    >>> statistics = magmax_update({}, {"w": torch.tensor([1.0, -3.0, 2.0])})
+    >>> magmax_merge(magmax_update(statistics, {"w": torch.tensor([-2.0, 1.0, 2.0])}))
+    {'w': tensor([-2., -3.,  2.])}
+    """
+    largest = statistics.setdefault("largest", {})
+    for name, tensor in task_vector.items():
+        current = _running(largest, name, tensor)
+        largest[name] = torch.where(tensor.abs() >= current.abs(), tensor, current)
+    return statistics
+
+
+def magmax_merge(statistics: Statistics) -> TensorDict:
+    """The merged task vector of MagMax: the largest-magnitude value of every entry."""
+    return {name: tensor.clone() for name, tensor in statistics["largest"].items()}
+
+
+def fisher_update(
+    statistics: Statistics, task_vector: Mapping[str, Tensor], fisher: Mapping[str, Tensor], floor: float
+) -> Statistics:
+    """Fisher merging: add ``F * tau`` and ``F`` to their running sums, with ``F = max(fisher, floor)``.
+
+    ``fisher`` holds a diagonal Fisher for every tensor of ``task_vector``; the floor (> 0) keeps every
+    entry's total weight positive, so entries no task's Fisher covers get the plain mean of the task vectors.
+
+    >>> statistics = fisher_update({}, {"w": torch.tensor([1.0, 1.0])}, {"w": torch.tensor([3.0, 0.0])}, 1e-6)
+    >>> statistics = fisher_update(statistics, {"w": torch.tensor([5.0, 3.0])}, {"w": torch.tensor([1.0, 0.0])}, 1e-6)
+    >>> fisher_merge(statistics)
+    {'w': tensor([2., 2.])}
+    """
+    if not floor > 0:
+        raise ValueError(f"The Fisher floor must be > 0 (it keeps every entry's total weight positive), got {floor}.")
+    weighted, total = statistics.setdefault("weighted_sum", {}), statistics.setdefault("fisher_sum", {})
+    for name, tensor in task_vector.items():
+        weight = fisher[name].float().clamp(min=floor)
+        _running(weighted, name, tensor).addcmul_(weight, tensor)
+        _running(total, name, tensor).add_(weight)
+    return statistics
+
+
+def fisher_merge(statistics: Statistics) -> TensorDict:
+    """The merged task vector of Fisher merging: ``sum_t F_t tau_t / sum_t F_t``."""
+    return {name: weighted / statistics["fisher_sum"][name] for name, weighted in statistics["weighted_sum"].items()}
+
+
+def _running(statistic: TensorDict, name: str, like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The running tensor ``statistic[name]``, created as zeros shaped like ``like`` the first time."""
+    if name not in statistic:
+        statistic[name] = torch.zeros(like.shape, dtype=dtype, device=like.device)
+    return statistic[name]
