@@ -179,7 +179,7 @@ def sweep(grid: Grid, scenarios: list[str], seeds: range) -> None:
     """Print the final average accuracy and forgetting (means over ``seeds``) of every configuration.
 
     ``grid`` maps a method name to ``(setting, build)`` pairs; ``build()`` returns fresh callbacks. Each run is
-    the reference protocol of DESIGN.md §6 (``lightning_incremental.cli.run_method``) with the seed changing
+    the reference protocol of ``docs/architecture.md`` (``lightning_incremental.cli.run_method``) with the seed changing
     the model's initialisation and the data order.
     """
     from lightning_incremental.catalog import MethodSpec

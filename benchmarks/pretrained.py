@@ -23,6 +23,7 @@ Install the extra first: ``pip install -e ".[pretrained]"`` and ``pip install --
 import argparse
 import copy
 import logging
+import math
 import os
 import platform
 import sys
@@ -41,7 +42,7 @@ from lightning.pytorch import Callback
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_incremental.metrics import average_accuracy, forgetting
+from lightning_incremental.metrics import average_metric, forgetting
 from lightning_incremental.scenarios import TaskStream
 from lightning_incremental.scenarios.newsgroups import newsgroups_stream
 from lightning_incremental.text import TextClassifier, load_encoder, load_tokenizer, pad_batch
@@ -58,13 +59,16 @@ FULL_LR, ADAPTER_LR, HEAD_LR = 5e-5, 1e-3, 1e-3
 
 @dataclass
 class Method:
-    """A row of the table: ``build(encoder)`` returns the model and the callbacks given to every task's Trainer."""
+    """A row of the table: ``build(encoder, num_classes)`` returns the model and the callbacks every task's Trainer
+    gets; ``epochs`` overrides ``--epochs`` (0 for a closed-form head); ``fitted(model)`` counts the parameters
+    fitted in closed form."""
 
     name: str
     family: str
     build: Callable[[nn.Module, int], tuple[TextClassifier, list[Callback]]]
     stored_samples: int = 0
-    needs_training: bool = True
+    epochs: int | None = None
+    fitted: Callable[[TextClassifier], int] | None = None
 
 
 @dataclass
@@ -76,7 +80,7 @@ class Run:
 
     @property
     def acc(self) -> float:
-        return float(average_accuracy(torch.tensor(self.matrix)))
+        return float(average_metric(torch.tensor(self.matrix)))
 
     @property
     def forgetting(self) -> float:
@@ -94,21 +98,102 @@ class TrainableCount(Callback):
 
 
 # ---------------------------------------------------------------------------------------------- the methods
-def full_model(encoder: nn.Module, num_classes: int) -> TextClassifier:
-    return TextClassifier(copy.deepcopy(encoder), num_classes, lr=FULL_LR, head_lr=HEAD_LR)
+LORA_TARGETS = ["*.attention.self.query", "*.attention.self.value"]  # Hu et al.'s choice: W_q and W_v
+LORA_RANK, BUFFER = 8, 200
 
 
-def adapter_model(encoder: nn.Module, num_classes: int) -> TextClassifier:
-    return TextClassifier(copy.deepcopy(encoder), num_classes, lr=ADAPTER_LR, head_lr=HEAD_LR)
+def model_with(encoder: nn.Module, num_classes: int, lr: float) -> TextClassifier:
+    return TextClassifier(copy.deepcopy(encoder), num_classes, lr=lr, head_lr=HEAD_LR)
 
 
-def naive(encoder: nn.Module, num_classes: int) -> tuple[TextClassifier, list[Callback]]:
-    return full_model(encoder, num_classes), []
+def dict_forward(model: TextClassifier, batch: dict) -> torch.Tensor:
+    return model(batch["input_ids"], batch["attention_mask"])
 
 
-def methods(args: argparse.Namespace) -> dict[str, Method]:
+def dict_targets(batch: dict) -> torch.Tensor:
+    return batch["labels"]
+
+
+def lora() -> Callback:
+    from lightning_incremental.methods.partial.lora import LoRA
+
+    return LoRA(target_modules=LORA_TARGETS, rank=LORA_RANK, alpha=2.0 * LORA_RANK, train="head.*")
+
+
+def full(*extra: Callable[[], Callback]) -> Callable[[nn.Module, int], tuple[TextClassifier, list[Callback]]]:
+    return lambda encoder, classes: (model_with(encoder, classes, FULL_LR), [make() for make in extra])
+
+
+def adapters(*extra: Callable[[], Callback]) -> Callable[[nn.Module, int], tuple[TextClassifier, list[Callback]]]:
+    return lambda encoder, classes: (model_with(encoder, classes, ADAPTER_LR), [lora(), *(make() for make in extra)])
+
+
+def merging(mode: str, **kwargs: float) -> Callable[[], Callback]:
+    def make() -> Callback:
+        from lightning_incremental.methods.fusion import WeightMerging
+
+        return WeightMerging(mode=mode, **kwargs)
+
+    return make
+
+
+def ewc_fisher() -> Callback:
+    from lightning_incremental.methods.regularization import EWC
+
+    return EWC(lambda_=0.0)  # the Fisher for Fisher merging, no penalty
+
+
+def prototype_head() -> Callback:
+    from lightning_incremental.methods.pretrained import PrototypeHead
+
+    return PrototypeHead(forward=dict_forward, targets=dict_targets)
+
+
+def ranpac_head() -> Callback:
+    from lightning_incremental.methods.pretrained import RanPACHead
+
+    return RanPACHead(projection_dim=2000, forward=dict_forward, targets=dict_targets)
+
+
+def replay() -> Callback:
+    from lightning_incremental.methods.replay import ExperienceReplay
+
+    return ExperienceReplay(buffer_size=BUFFER, ratio=1.0)
+
+
+def derpp() -> Callback:
+    from lightning_incremental.methods.replay import DER
+
+    return DER(buffer_size=BUFFER, alpha=0.3, beta=1.0)
+
+
+def methods() -> dict[str, Method]:
     """Every method of the table, keyed by its ``--methods`` name."""
-    table = [Method("naive", "full fine-tuning", naive)]
+    table = [
+        Method("naive", "full fine-tuning", full()),
+        Method("lora", "adapters (LoRA merged at each task end)", adapters()),
+        Method("lora+task_arithmetic", "adapters + merging", adapters(merging("task_arithmetic", scale=0.5))),
+        Method("lora+ties", "adapters + merging", adapters(merging("ties"))),
+        Method("lora+dare", "adapters + merging", adapters(merging("dare", scale=0.5))),
+        Method("lora+magmax", "adapters + merging", adapters(merging("magmax"))),
+        Method("lora+fisher", "adapters + merging", adapters(ewc_fisher, merging("fisher"))),
+        Method(
+            "prototype",
+            "frozen backbone, closed-form head",
+            full(prototype_head),
+            epochs=0,
+            fitted=lambda model: model.head.prototypes.numel(),
+        ),
+        Method(
+            "ranpac",
+            "frozen backbone, closed-form head",
+            full(ranpac_head),
+            epochs=0,
+            fitted=lambda model: model.head.weight.numel(),
+        ),
+        Method("lora+replay", "adapters + replay", adapters(replay), stored_samples=BUFFER),
+        Method("lora+derpp", "adapters + replay", adapters(derpp), stored_samples=BUFFER),
+    ]
     return {method.name: method for method in table}
 
 
@@ -118,26 +203,27 @@ def loader(dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
 
 
 @torch.no_grad()
-def evaluate(model: TextClassifier, stream: TaskStream, batch_size: int) -> list[float]:
-    """Accuracy on every task's test set; documents sorted by length so that batches carry little padding."""
+def evaluate(model: TextClassifier, stream: TaskStream, seen: int, batch_size: int) -> list[float]:
+    """Accuracy on the test sets of tasks ``0..seen`` (``nan`` for later ones, which neither the final accuracy nor
+    forgetting reads); documents sorted by length so that batches carry little padding."""
     was_training = model.training
     model.eval()
-    accuracies = []
-    for task in stream:
+    accuracies = [float("nan")] * len(stream)
+    for task in stream.tasks[: seen + 1]:
         rows = sorted((task.test[i] for i in range(len(task.test))), key=lambda row: len(row["input_ids"]))
         correct = 0
         for start in range(0, len(rows), batch_size):
             batch = pad_batch(rows[start : start + batch_size])
             logits = model(batch["input_ids"], batch["attention_mask"])
             correct += int((logits.argmax(-1) == batch["labels"]).sum())
-        accuracies.append(correct / len(rows))
+        accuracies[task.index] = correct / len(rows)
     model.train(was_training)
     return accuracies
 
 
-def fit_timed(model: TextClassifier, callbacks: list[Callback], data: Dataset, args: argparse.Namespace) -> float:
+def fit_timed(model: TextClassifier, callbacks: list[Callback], data: Dataset, epochs: int, args) -> float:
     L.seed_everything(args.seed, verbose=False)
-    trainer = L.Trainer(max_epochs=args.epochs, callbacks=callbacks, **QUIET)
+    trainer = L.Trainer(max_epochs=epochs, callbacks=callbacks, **QUIET)
     train_loader = loader(data, args.batch_size, shuffle=True)
     start = time.perf_counter()
     trainer.fit(model, train_loader)
@@ -151,27 +237,28 @@ def run_incremental(method: Method, stream: TaskStream, encoder: nn.Module, args
     counter = TrainableCount()
     run = Run(method)
     for task in stream:
-        run.update_seconds.append(fit_timed(model, [*callbacks, counter], task.train, args))
-        run.matrix.append(evaluate(model, stream, args.eval_batch_size))
+        epochs = args.epochs if method.epochs is None else method.epochs
+        run.update_seconds.append(fit_timed(model, [*callbacks, counter], task.train, epochs, args))
+        run.matrix.append(evaluate(model, stream, task.index, args.eval_batch_size))
         print(
             f"{method.name:<22} task {task.index}: update {run.update_seconds[-1]:7.1f} s, "
             f"acc on seen tasks {sum(run.matrix[-1][: task.index + 1]) / (task.index + 1):.3f}",
             flush=True,
         )
-    run.trainable = counter.count
+    run.trainable = counter.count + (method.fitted(model) if method.fitted is not None else 0)
     return run
 
 
 def run_joint(stream: TaskStream, encoder: nn.Module, args: argparse.Namespace) -> Run:
     """Retraining from scratch: for every ``t``, fine-tune the pretrained model on the union of tasks ``0..t``."""
-    method = Method("joint (retrain on 0..t)", "full fine-tuning, upper bound", naive, stored_samples=-1)
+    method = Method("joint (retrain on 0..t)", "full fine-tuning, upper bound", full(), stored_samples=-1)
     run = Run(method)
     for task in stream:
         L.seed_everything(args.seed, verbose=False)
-        model, _ = naive(encoder, stream.num_classes)
+        model, _ = method.build(encoder, stream.num_classes)
         counter = TrainableCount()
-        run.update_seconds.append(fit_timed(model, [counter], stream.seen(task.index), args))
-        run.matrix.append(evaluate(model, stream, args.eval_batch_size))
+        run.update_seconds.append(fit_timed(model, [counter], stream.seen(task.index), args.epochs, args))
+        run.matrix.append(evaluate(model, stream, task.index, args.eval_batch_size))
         run.trainable = counter.count
         print(
             f"{'joint':<22} tasks 0..{task.index}: retrain {run.update_seconds[-1]:7.1f} s, "
@@ -226,9 +313,9 @@ def report(runs: list[Run], joint: Run, stream: TaskStream, args: argparse.Names
     for run in runs:
         cells = [f"{s:.1f} ({s / r:.3f})" for s, r in zip(run.update_seconds, joint.update_seconds, strict=True)]
         lines.append(f"| {run.method.name} | " + " | ".join(cells) + " |")
-    lines += ["", "### The accuracy matrices (row: after task i; column: test set of task j)", ""]
+    lines += ["", "### Accuracy matrices (row i: after task i, on the test sets of tasks 0..i)", ""]
     for run in [*runs, joint]:
-        rows = "; ".join("[" + ", ".join(f"{a:.2f}" for a in row) + "]" for row in run.matrix)
+        rows = "; ".join("[" + ", ".join(f"{a:.2f}" for a in row if not math.isnan(a)) + "]" for row in run.matrix)
         lines.append(f"- {run.method.name}: {rows}")
     return lines
 
@@ -266,7 +353,7 @@ def main() -> None:
     prep = time.perf_counter() - start
     encoder = load_encoder()
     print(f"{stream}\ntokenized in {prep:.1f} s; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    table = methods(args)
+    table = methods()
     chosen = args.methods or list(table)
     unknown = sorted(set(chosen) - set(table))
     if unknown:

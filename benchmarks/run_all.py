@@ -6,7 +6,7 @@
         --methods naive ewc online_ewc si mas l2 replay derpp --skip-overhead --output benchmarks/HELD_OUT.md
                                                  # the defaults on seeds their sweeps did not see
 
-Accuracy follows the reference protocol of DESIGN.md §6 (digits, MLP 64-256-256-10, Adam 1e-3, batch 32,
+Accuracy follows the reference protocol of ``docs/architecture.md`` (digits, MLP 64-256-256-10, Adam 1e-3, batch 32,
 10 epochs per task, 5 tasks) with each method's documented defaults, as the command line runs it; the
 table gives mean ± std over the seeds. The overhead table times every method's training step on the
 second task against naive fine-tuning, measured interleaved in the same run (benchmarks/harness.py).

@@ -1,4 +1,4 @@
-"""The sweep that chose the regularization methods' defaults (DESIGN.md §6 protocol, permuted digits).
+"""The sweep that chose the regularization methods' defaults (the reference protocol, permuted digits).
 
     python benchmarks/sweep_regularization.py [--seeds 5] [--first-seed 0] [--methods naive ewc ...]
 

@@ -1,4 +1,4 @@
-"""The sweep that chose the replay methods' defaults (DESIGN.md §6 protocol, buffer 200).
+"""The sweep that chose the replay methods' defaults (the reference protocol, buffer 200).
 
     python benchmarks/sweep_replay.py [--seeds 2] [--first-seed 0] [--scenarios split permuted] [--methods ...]
 

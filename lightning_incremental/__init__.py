@@ -1,17 +1,44 @@
-"""lightning-incremental: continual learning as drop-in callbacks for PyTorch Lightning."""
+"""lightning-incremental: continual learning as drop-in callbacks for PyTorch Lightning.
 
-from lightning_incremental.core import ContinualCallback
+Every method, head and tool is importable from here, as Lightning's own callbacks are from
+``lightning.pytorch.callbacks``; the code lives in ``lightning_incremental.methods.<family>``.
+"""
+
+from lightning_incremental.buffers import ReplayBuffer
+from lightning_incremental.core import ContinualCallback, ModelInterface
 from lightning_incremental.evaluation import ContinualEvaluation, ContinualResult
+from lightning_incremental.heads import GrowHeads, IncrementalClassifier, MultiHeadClassifier
+from lightning_incremental.methods.distillation import LwF
+from lightning_incremental.methods.fusion import WeightMerging
+from lightning_incremental.methods.partial import FreezeLayers
+from lightning_incremental.methods.regularization import EWC, MAS, SI, L2Anchor
+from lightning_incremental.methods.replay import AGEM, DER, ExperienceReplay, ICaRL
 from lightning_incremental.models import MLPClassifier
 from lightning_incremental.training import fit_tasks, load_task_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGEM",
+    "DER",
+    "EWC",
+    "MAS",
+    "SI",
     "ContinualCallback",
     "ContinualEvaluation",
     "ContinualResult",
+    "ExperienceReplay",
+    "FreezeLayers",
+    "GrowHeads",
+    "ICaRL",
+    "IncrementalClassifier",
+    "L2Anchor",
+    "LwF",
     "MLPClassifier",
+    "ModelInterface",
+    "MultiHeadClassifier",
+    "ReplayBuffer",
+    "WeightMerging",
     "fit_tasks",
     "load_task_checkpoint",
 ]

@@ -1,7 +1,7 @@
 """The command line: ``lightning-incremental`` (or ``python -m lightning_incremental``).
 
 With no arguments it runs the main job: every registered method, plus the naive and joint baselines, on
-the class-incremental split of scikit-learn's bundled digits with the reference protocol of DESIGN.md §6,
+the class-incremental split of scikit-learn's bundled digits with the reference protocol (``docs/architecture.md``),
 and writes the results (JSON, CSV, heat maps) to ``lightning-incremental-results/``.
 """
 
@@ -103,7 +103,7 @@ def run_method(
 ) -> tuple[ContinualResult, float]:
     """Train a fresh reference model with ``spec`` over ``stream``: the result and the wall seconds.
 
-    The reference protocol of DESIGN.md §6: MLPClassifier (hidden 256-256, Adam 1e-3), seeded with ``seed``;
+    The reference protocol (``docs/architecture.md``): MLPClassifier (hidden 256-256, Adam 1e-3), seeded with ``seed``;
     on a task-incremental stream its head is a ``MultiHeadClassifier`` grown by ``GrowHeads`` (one head per task).
     ``callbacks`` (progress, …) are added to every Trainer; ``trainer_kwargs`` go to every Trainer. A method with
     a ``predict(pl_module, batch)`` (iCaRL) is evaluated with it.
@@ -193,7 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
-    stream = make_stream(args.scenario, args.tasks, args.seed)
+    try:
+        stream = make_stream(args.scenario, args.tasks, args.seed)
+    except ValueError as error:  # e.g. 10 classes do not split into --tasks 3
+        parser.error(f"--tasks {args.tasks}: {error}")
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     results: dict[str, tuple[ContinualResult, float]] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

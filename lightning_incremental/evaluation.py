@@ -1,147 +1,245 @@
-"""Continual evaluation: the accuracy matrix of a stream and the metrics computed from it."""
+"""Continual evaluation: the metric matrix of a stream (accuracy by default, or any torchmetrics metric) and the
+continual-learning metrics computed from it."""
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
-from matplotlib.figure import Figure
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
 from lightning_incremental import metrics
-from lightning_incremental.core.batch import split_batch, task_labels_of
-from lightning_incremental.core import ContinualCallback
-from lightning_incremental.scenarios.stream import TaskStream
+from lightning_incremental.core import (
+    ContinualCallback,
+    ModelInterface,
+    check_interface_argument,
+    interface_of,
+    private_pass,
+)
+from lightning_incremental.scenarios.stream import Task, TaskStream
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PredictFn = Callable[[LightningModule, Any], Tensor]
+CollateFn = Callable[[list[Any]], Any]
 
-_SUMMARY_NAMES = {
-    "acc": "average accuracy",
-    "avg_incremental_acc": "average incremental accuracy",
-    "bwt": "backward transfer (BWT)",
-    "fwt": "forward transfer (FWT)",
-    "forgetting": "forgetting",
-}
+DEFAULT_METRIC = "acc"  # the name of the default metric, accuracy
+IGNORE_INDEX = -100  # labels the default accuracy skips (Hugging Face's padding label)
 
 
 @dataclass
 class ContinualResult:
-    """The accuracy matrix of a run and the metrics of :mod:`lightning_incremental.metrics` over it.
+    """The metric matrix of a run and the metrics of :mod:`lightning_incremental.metrics` over it.
 
     Attributes:
-        matrix: ``matrix[i][j]``, accuracy on task ``j`` after training task ``i`` (rows: tasks trained).
-        initial: accuracy on each task before any training, or ``None`` when it was not measured.
+        matrix: ``matrix[i][j]``, the metric on task ``j`` after training task ``i`` (rows: tasks trained).
+        initial: the metric on each task before any training, or ``None`` when it was not measured.
+        metric: the metric's name (``"acc"``: accuracy); the summary's keys and the table use it.
+        higher_is_better: the direction of the metric; BWT, FWT and forgetting follow it, so that negative
+            BWT/FWT and positive forgetting always mean worse (for an error such as MSE, forgetting is the
+            increase of the error).
 
     >>> result = ContinualResult([[0.9, 0.2], [0.5, 0.8]], initial=[0.5, 0.5])
-    >>> result.summary()["bwt"]
-    -0.4
-    >>> ContinualResult.from_json(result.to_json()).matrix == result.matrix
+    >>> result.summary()["acc"], result.summary()["bwt"]
+    (0.65, -0.4)
+    >>> errors = ContinualResult([[0.1, 0.9], [0.4, 0.2]], metric="mse", higher_is_better=False)
+    >>> errors.summary()["mse"], errors.summary()["bwt"], errors.summary()["forgetting"]
+    (0.3, -0.3, 0.3)
+    >>> ContinualResult.from_json(errors.to_json()) == errors
     True
     """
 
     matrix: list[list[float]]
     initial: list[float] | None = None
+    metric: str = DEFAULT_METRIC
+    higher_is_better: bool = True
 
     def summary(self) -> dict[str, float]:
-        """The scalar metrics: ``acc``, ``avg_incremental_acc``, ``bwt``, ``fwt``, ``forgetting``."""
+        """The scalar metrics: ``<metric>`` (its average over the tasks seen, after the last task; ``acc`` is the
+        average accuracy), ``avg_incremental_<metric>``, ``bwt``, ``fwt`` and ``forgetting``; ``nan`` where
+        undefined."""
         if not self.matrix:
-            return {name: math.nan for name in _SUMMARY_NAMES}
-        matrix = torch.tensor(self.matrix, dtype=torch.float64)
-        fwt = metrics.forward_transfer(matrix, torch.tensor(self.initial)) if self.initial else torch.tensor(math.nan)
+            return {name: math.nan for name in self._labels()}
+        matrix, direction = torch.tensor(self.matrix, dtype=torch.float64), self.higher_is_better
+        initial = torch.tensor(self.initial, dtype=torch.float64) if self.initial else None
         values = {
-            "acc": metrics.average_accuracy(matrix),
-            "avg_incremental_acc": metrics.average_incremental_accuracy(matrix),
-            "bwt": metrics.backward_transfer(matrix),
-            "fwt": fwt,
-            "forgetting": metrics.forgetting(matrix),
+            self.metric: metrics.average_metric(matrix),
+            f"avg_incremental_{self.metric}": metrics.average_incremental_metric(matrix),
+            "bwt": metrics.backward_transfer(matrix, direction),
+            "fwt": math.nan if initial is None else metrics.forward_transfer(matrix, initial, direction),
+            "forgetting": metrics.forgetting(matrix, direction),
         }
         return {name: round(float(value), 6) for name, value in values.items()}
 
     def table(self) -> str:
         """The summary and the matrix as plain text."""
-        lines = [f"{_SUMMARY_NAMES[name]:<30} {value:>8.4f}" for name, value in self.summary().items()]
+        summary = self.summary()
+        lines = [f"{self.metric} ({'higher' if self.higher_is_better else 'lower'} is better)"]
+        lines += [f"{label:<30} {summary[name]:>10.4f}" for name, label in self._labels().items()]
         n_tasks = len(self.matrix[0]) if self.matrix else 0
-        header = "after task | " + " ".join(f"T{j:<5}" for j in range(n_tasks))
+        header = "after task | " + " ".join(f"{f'T{j}':>8}" for j in range(n_tasks))
         lines += ["", header, "-" * len(header)]
         if self.initial:
-            lines.append("   initial | " + " ".join(f"{v:.3f} " for v in self.initial))
-        lines += [f"{i:>10} | " + " ".join(f"{v:.3f} " for v in row) for i, row in enumerate(self.matrix)]
+            lines.append("   initial | " + " ".join(f"{value:8.3f}" for value in self.initial))
+        lines += [f"{i:>10} | " + " ".join(f"{value:8.3f}" for value in row) for i, row in enumerate(self.matrix)]
         return "\n".join(lines)
 
     def to_json(self) -> str:
-        """The matrix, the initial accuracies and the summary as a JSON document."""
-        return json.dumps({"matrix": self.matrix, "initial": self.initial, "summary": self.summary()}, indent=2)
+        """The metric's name and direction, the matrix, the initial values and the summary as a JSON document."""
+        document = {
+            "metric": self.metric,
+            "higher_is_better": self.higher_is_better,
+            "matrix": self.matrix,
+            "initial": self.initial,
+            "summary": self.summary(),
+        }
+        return json.dumps(document, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> "ContinualResult":
+        """The result of a :meth:`to_json` document (one without ``metric`` is an accuracy matrix)."""
         data = json.loads(text)
-        return cls(matrix=data["matrix"], initial=data["initial"])
+        return cls(
+            matrix=data["matrix"],
+            initial=data["initial"],
+            metric=data.get("metric", DEFAULT_METRIC),
+            higher_is_better=data.get("higher_is_better", True),
+        )
 
-    def plot(self, title: str = "accuracy matrix") -> Figure:
-        """A heat map of the matrix (rows: after training task i; columns: evaluated on task j)."""
-        figure = Figure(figsize=(1.0 + 0.9 * max(len(self.matrix[0]), 2), 0.8 + 0.8 * max(len(self.matrix), 2)))
+    def plot(self, title: str | None = None) -> "Figure":
+        """A heat map of the matrix (rows: after training task i; columns: evaluated on task j).
+
+        The colour scale is 0–1 when every value lies there (accuracy, F1), else the matrix's range; it is
+        reversed for a lower-is-better metric, so the better values have the same colour for every metric.
+        """
+        from matplotlib.figure import Figure  # imported here: importing the package must not load matplotlib
+
+        values = [value for row in self.matrix for value in row]
+        low, high = (0.0, 1.0) if all(0.0 <= value <= 1.0 for value in values) else (min(values), max(values))
+        n_rows, n_columns = len(self.matrix), len(self.matrix[0])
+        figure = Figure(figsize=(1.0 + 0.9 * max(n_columns, 2), 0.8 + 0.8 * max(n_rows, 2)))
         axes = figure.add_subplot()
-        image = axes.imshow(self.matrix, vmin=0.0, vmax=1.0, cmap="viridis")
+        colours = "viridis" if self.higher_is_better else "viridis_r"
+        image = axes.imshow(self.matrix, vmin=low, vmax=high, cmap=colours)
         for i, row in enumerate(self.matrix):
             for j, value in enumerate(row):
-                axes.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
+                position = (value - low) / (high - low) if high > low else 1.0
+                brightness = position if self.higher_is_better else 1.0 - position
+                colour = "white" if brightness < 0.6 else "black"
+                axes.text(j, i, f"{value:.2f}", ha="center", va="center", color=colour)
         axes.set_xlabel("evaluated on task")
         axes.set_ylabel("after training task")
-        axes.set_xticks(range(len(self.matrix[0])))
-        axes.set_yticks(range(len(self.matrix)))
-        axes.set_title(title)
+        axes.set_xticks(range(n_columns))
+        axes.set_yticks(range(n_rows))
+        axes.set_title(f"{self.metric} matrix" if title is None else title)
         figure.colorbar(image, ax=axes, fraction=0.046)
         figure.tight_layout()
         return figure
 
+    def _labels(self) -> dict[str, str]:
+        return {
+            self.metric: f"average {self.metric}",
+            f"avg_incremental_{self.metric}": f"average incremental {self.metric}",
+            "bwt": "backward transfer (BWT)",
+            "fwt": "forward transfer (FWT)",
+            "forgetting": "forgetting",
+        }
+
 
 class ContinualEvaluation(ContinualCallback):
-    r"""Evaluate every task's test set after each task: the accuracy matrix, ACC, BWT, FWT, forgetting.
+    r"""Evaluate every task's test set after each task: the metric matrix, its average, BWT, FWT and forgetting.
 
-    Add it last to the callbacks of every task's Trainer (after methods that change the weights at task
-    end). It evaluates once before the first task (the baseline for FWT) and once after each fit, on the
-    model's device and under the Trainer's precision; under DDP every rank evaluates a share of each test
-    set and torchmetrics sums the counts, so all ranks hold the same matrix. The metrics go to the
-    Trainer's loggers as ``cl/acc``, ``cl/bwt``, ``cl/fwt``, ``cl/forgetting``, ``cl/avg_incremental_acc``
-    and ``cl/acc_task_<j>``, with the task index as the step.
+    Add it last to the callbacks of every task's Trainer (after methods that change the weights at task end).
+    It evaluates once before the first task (the baseline for FWT) and once after each fit, on the model's
+    device and under the Trainer's precision.
+
+    - **The metric** is accuracy by default (named ``acc``; labels of ``-100`` are skipped). Any torchmetrics
+      ``Metric`` (``MeanSquaredError()``, ``MulticlassF1Score(10)``, …) or ``MetricCollection`` fits; it is
+      cloned and reset for every test set, and a single metric is named after its class (wrap it as
+      ``MetricCollection({"mse": MeanSquaredError()})`` for another name). A collection gives one matrix per
+      metric (:attr:`matrices`); the ``primary`` one (the first, or named) drives :meth:`result` and the logged
+      summary. BWT, FWT and forgetting follow the metric's ``higher_is_better`` (see
+      :mod:`lightning_incremental.metrics`).
+    - **What the metric receives**: ``metric.update(predictions, targets)``, with the targets and the
+      predictions read through the model interface (:class:`~lightning_incremental.ModelInterface`: ``model(x)``
+      for ``(x, y)`` batches, ``model(**inputs)`` and ``.logits`` for Hugging Face-style dicts, the first element
+      of a ``(logits, features)`` output), or what ``predict(pl_module, batch)`` returns. Classification metrics
+      get the logits; class scores in the last dimension go to dimension 1, where torchmetrics expects them
+      (token-level ``[B, T, C]`` becomes ``[B, C, T]``), and a single output per row (``[B, 1]`` for targets
+      ``[B]``) is squeezed to ``[B]``.
+    - **DDP**: every rank evaluates a share of each test set and torchmetrics synchronises the metric's states in
+      ``compute``, so every rank holds the same matrix (counts, not averages, are summed).
+    - **Private passes**: evaluation leaves the training as it would have been without it: the model's train/eval
+      mode is restored, even on an error, and the global random stream (which a shuffled DataLoader draws from)
+      is untouched.
+    - **Logging**: after each task, to the Trainer's loggers: the primary metric's summary (``cl/acc``,
+      ``cl/avg_incremental_acc``, ``cl/bwt``, ``cl/fwt``, ``cl/forgetting`` for accuracy), every metric's
+      average ``cl/<metric>`` and its row ``cl/<metric>_task_<j>``, and the index of the task just trained,
+      ``cl/task``. The step is the number of optimizer steps over all tasks so far, and the Trainer of each later
+      task continues its own logging step from there, so the training rows and the ``cl/`` rows of a logger
+      shared by the tasks' Trainers lie on one non-decreasing step axis.
 
     Args:
         stream: the stream whose test sets are evaluated.
+        metric: a torchmetrics ``Metric`` or ``MetricCollection``; defaults to micro accuracy over
+            ``stream.num_classes`` classes. A metric whose ``higher_is_better`` is ``None`` needs it set.
+        primary: the name of the metric of a collection that drives the summary; defaults to the collection's
+            first (torchmetrics sorts the names of a collection built from a dict).
         task_incremental: mask the logits to each task's classes (task-incremental evaluation). Defaults to
             whether the stream is task-incremental.
         batch_size: evaluation batch size.
-        predict: ``predict(pl_module, batch) -> logits``; defaults to ``pl_module(x)``.
-        evaluate_initial: evaluate before the first task, for forward transfer.
+        predict: ``predict(pl_module, batch) -> predictions``, replacing the model interface's predictions
+            (iCaRL's nearest-mean-of-exemplars classifier: ``predict=icarl.predict``).
+        model_interface: how to read the model's outputs and the targets; ``None``: the model's
+            ``continual_interface`` attribute, else the default.
+        collate_fn: the collate function of the test loaders, for items torch's default cannot stack (token
+            sequences of different lengths: :func:`lightning_incremental.text.pad_batch`).
+        evaluate_initial: evaluate before the first task, for forward transfer. Without it, one test batch
+            still goes through the model and the metric before the first task, so a metric that does not fit the
+            model fails before training.
 
     Example::
 
         >>> import lightning as L
+        >>> from torchmetrics.classification import MulticlassF1Score
         >>> from lightning_incremental.models import MLPClassifier
         >>> from lightning_incremental.scenarios import synthetic_stream
         >>> stream = synthetic_stream(n_tasks=2)
         >>> model = MLPClassifier(16, 4, hidden=(32,), lr=1e-2)
         >>> evaluation = ContinualEvaluation(stream)
+        >>> both = MetricCollection({"f1": MulticlassF1Score(4), "acc": MulticlassAccuracy(4, average="micro")})
+        >>> f1 = ContinualEvaluation(stream, both, primary="f1")
         >>> for task in stream:
-        ...     trainer = L.Trainer(max_epochs=2, callbacks=[evaluation], logger=False, enable_progress_bar=False,
+        ...     trainer = L.Trainer(max_epochs=2, callbacks=[evaluation, f1], logger=False, enable_progress_bar=False,
         ...                         enable_checkpointing=False, enable_model_summary=False)
         ...     trainer.fit(model, task.train_dataloader(batch_size=16))
         >>> result = evaluation.result()
         >>> len(result.matrix), len(result.matrix[0]), result.matrix[0][0] > 0.9
         (2, 2, True)
+        >>> sorted(f1.matrices), f1.result().metric, f1.result("acc").matrix == result.matrix
+        (['acc', 'f1'], 'f1', True)
     """
 
     def __init__(
         self,
         stream: TaskStream,
+        metric: Metric | MetricCollection | None = None,
+        primary: str | None = None,
         task_incremental: bool | None = None,
         batch_size: int = 256,
         predict: PredictFn | None = None,
+        model_interface: ModelInterface | None = None,
+        collate_fn: CollateFn | None = None,
         evaluate_initial: bool = True,
     ) -> None:
         super().__init__()
@@ -149,86 +247,237 @@ class ContinualEvaluation(ContinualCallback):
             raise TypeError(f"`stream` must be a TaskStream, got {type(stream).__name__}.")
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size}.")
+        for name, value in (("predict", predict), ("collate_fn", collate_fn)):
+            if value is not None and not callable(value):
+                raise TypeError(f"`{name}` must be a callable or None, got {type(value).__name__}.")
         self.stream = stream
+        self.metric = _as_collection(metric, stream)
+        self.measures_default_accuracy = metric is None
+        self.higher_is_better = _directions(self.metric)
+        if primary is not None and primary not in self.higher_is_better:
+            raise ValueError(f"`primary` must name one of the metrics {list(self.higher_is_better)}, got {primary!r}.")
+        self.primary = primary if primary is not None else next(iter(self.higher_is_better))
         self.task_incremental = stream.scenario == "task-incremental" if task_incremental is None else task_incremental
         self.batch_size = batch_size
         self.predict = predict
+        self.model_interface = check_interface_argument(model_interface)
+        self.collate_fn = collate_fn
         self.evaluate_initial = evaluate_initial
-        self.matrix: list[list[float]] = []
-        self.initial: list[float] | None = None
+        self.matrices: dict[str, list[list[float]]] = {name: [] for name in self.higher_is_better}
+        self.initials: dict[str, list[float]] | None = None
+        self.log_step = 0  # optimizer steps over all tasks so far: the step of the logs
 
-    def result(self) -> ContinualResult:
-        """The accuracy matrix so far and its metrics."""
-        return ContinualResult([list(row) for row in self.matrix], list(self.initial) if self.initial else None)
+    @property
+    def matrix(self) -> list[list[float]]:
+        """The primary metric's matrix: ``matrix[i][j]``, the metric on task ``j`` after training task ``i``."""
+        return self.matrices[self.primary]
 
+    def result(self, metric: str | None = None) -> ContinualResult:
+        """The matrix of ``metric`` (default: the primary metric) so far, and its metrics."""
+        name = self.primary if metric is None else metric
+        if name not in self.matrices:
+            raise ValueError(f"`metric` must be one of {list(self.matrices)}, got {metric!r}.")
+        initial = list(self.initials[name]) if self.initials is not None else None
+        return ContinualResult([list(row) for row in self.matrices[name]], initial, name, self.higher_is_better[name])
+
+    def results(self) -> dict[str, ContinualResult]:
+        """The result of every metric, by name."""
+        return {name: self.result(name) for name in self.matrices}
+
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "matrix": self.matrix, "initial": self.initial}
+        return {
+            **super().state_dict(),
+            "matrices": {name: [list(row) for row in matrix] for name, matrix in self.matrices.items()},
+            "initials": None if self.initials is None else {name: list(row) for name, row in self.initials.items()},
+            "log_step": self.log_step,
+        }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if set(state_dict["matrices"]) != set(self.matrices):
+            raise ValueError(
+                f"The state holds the matrices of {sorted(state_dict['matrices'])}, but this ContinualEvaluation "
+                f"measures {sorted(self.matrices)}: build it with the metric of the run that saved the state."
+            )
         super().load_state_dict(state_dict)
-        self.matrix = [list(row) for row in state_dict["matrix"]]
-        self.initial = list(state_dict["initial"]) if state_dict["initial"] is not None else None
+        self.matrices = {name: [list(row) for row in matrix] for name, matrix in state_dict["matrices"].items()}
+        initials = state_dict["initials"]
+        self.initials = None if initials is None else {name: list(row) for name, row in initials.items()}
+        self.log_step = int(state_dict["log_step"])
 
+    @override
     def on_task_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.evaluate_initial and self.initial is None and not self.matrix:
-            self.initial = self.evaluate(trainer, pl_module)
+        if self.initials is not None or self.matrix:
+            return
+        if self.evaluate_initial:
+            self.initials = self.evaluate(trainer, pl_module)
+        else:
+            self._check_a_batch(trainer, pl_module)
 
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if _logging_step(trainer) < self.log_step:  # a new Trainer: continue the axis of the earlier tasks
+            _continue_logging_step(trainer, self.log_step)
+
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.matrix.append(self.evaluate(trainer, pl_module))
+        for name, row in self.evaluate(trainer, pl_module).items():
+            self.matrices[name].append(row)
+        self.log_step = max(self.log_step, _logging_step(trainer))
         self._log(trainer)
         super().on_fit_end(trainer, pl_module)
 
-    def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> list[float]:
-        """Accuracy on every task's test set, synchronised over DDP ranks."""
-        device = trainer.strategy.root_device
+    def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, list[float]]:
+        """Every metric on every task's test set, ``{name: [value on task 0, …]}``, the same on every DDP rank."""
+        values: dict[str, list[float]] = {name: [] for name in self.matrices}
+        with self._evaluation_pass(trainer, pl_module) as interface:
+            for task in self.stream:
+                metric = self._fresh_metric(trainer)
+                for batch in self._test_loader(trainer, task):
+                    metric.update(*self._predictions_and_targets(trainer, pl_module, interface, batch, task))
+                computed = metric.compute()
+                for name, row in values.items():
+                    row.append(_scalar(computed, name, task))
+        return values
+
+    def _check_a_batch(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """One test batch through the model and the metric, so a metric that does not fit fails before training."""
+        with self._evaluation_pass(trainer, pl_module) as interface:
+            task = self.stream[0]
+            batch = next(iter(self._test_loader(trainer, task)), None)
+            if batch is not None:
+                self._fresh_metric(trainer).update(
+                    *self._predictions_and_targets(trainer, pl_module, interface, batch, task)
+                )
+
+    @contextmanager
+    def _evaluation_pass(self, trainer: Trainer, pl_module: LightningModule) -> Iterator[ModelInterface]:
         home = pl_module.device
-        was_training = pl_module.training
-        pl_module.to(device).eval()
-        accuracy = MulticlassAccuracy(num_classes=self.stream.num_classes, average="micro").to(device)
-        accuracies = []
+        pl_module.to(trainer.strategy.root_device)
         try:
-            with torch.no_grad(), trainer.precision_plugin.forward_context():
-                for task in self.stream:
-                    accuracy.reset()
-                    share = Subset(task.test, range(trainer.global_rank, len(task.test), trainer.world_size))
-                    for batch in DataLoader(share, batch_size=self.batch_size):
-                        batch = move_data_to_device(batch, device)
-                        _, targets = split_batch(batch)
-                        logits = self._logits(pl_module, batch, task.classes).float()
-                        accuracy.update(logits.argmax(dim=-1), targets)
-                    accuracies.append(float(accuracy.compute()))
+            with private_pass(pl_module), torch.no_grad():
+                yield interface_of(pl_module, self.model_interface)
         finally:
-            pl_module.to(home).train(was_training)
-        return accuracies
+            pl_module.to(home)
 
-    def _logits(self, pl_module: LightningModule, batch: Any, classes: tuple[int, ...]) -> Tensor:
-        if self.predict is not None:
-            logits = self.predict(pl_module, batch)
-        else:
-            inputs, _ = split_batch(batch)
-            task_labels = task_labels_of(batch)
-            logits = (
-                pl_module(inputs)
-                if task_labels is None or not self._takes_task_labels(pl_module)
-                else (pl_module(inputs, task_labels))
+    def _fresh_metric(self, trainer: Trainer) -> MetricCollection:
+        metric = self.metric.clone().to(trainer.strategy.root_device)
+        metric.reset()
+        return metric
+
+    def _test_loader(self, trainer: Trainer, task: Task) -> DataLoader:
+        share = Subset(task.test, range(trainer.global_rank, len(task.test), trainer.world_size))  # type: ignore[arg-type]
+        return DataLoader(share, batch_size=self.batch_size, collate_fn=self.collate_fn)
+
+    def _predictions_and_targets(
+        self, trainer: Trainer, pl_module: LightningModule, interface: ModelInterface, batch: Any, task: Task
+    ) -> tuple[Tensor, Tensor]:
+        batch = move_data_to_device(batch, trainer.strategy.root_device)
+        targets = interface.targets(batch)
+        if self.measures_default_accuracy and targets.is_floating_point():
+            raise ValueError(
+                "ContinualEvaluation measures accuracy by default, which needs integer class labels, but the targets "
+                f"of task {task.index} are floating point (a regression stream?). Pass a metric that fits them, e.g. "
+                "`ContinualEvaluation(stream, metric=torchmetrics.MeanSquaredError())`."
             )
+        with trainer.precision_plugin.forward_context():
+            predictions = (
+                self.predict(pl_module, batch) if self.predict is not None else interface.predict(pl_module, batch)
+            )
+        if predictions.is_floating_point():
+            predictions = predictions.float()
         if self.task_incremental:
-            mask = torch.full_like(logits, float("-inf"))
-            mask[..., list(classes)] = 0.0
-            logits = logits + mask
-        return logits
-
-    @staticmethod
-    def _takes_task_labels(pl_module: LightningModule) -> bool:
-        import inspect
-
-        return len(inspect.signature(pl_module.forward).parameters) >= 2
+            predictions = _mask_to_classes(predictions, targets, task)
+        return _aligned(predictions, targets), targets
 
     def _log(self, trainer: Trainer) -> None:
         if not trainer.loggers:
             return
-        values = {f"cl/{name}": value for name, value in self.result().summary().items() if not math.isnan(value)}
-        values.update({f"cl/acc_task_{j}": value for j, value in enumerate(self.matrix[-1])})
+        values: dict[str, float] = {"cl/task": self.current_task}
+        for name, result in self.results().items():
+            summary = result.summary()
+            shown = summary if name == self.primary else {name: summary[name]}
+            values.update({f"cl/{key}": value for key, value in shown.items() if not math.isnan(value)})
+            values.update({f"cl/{name}_task_{j}": value for j, value in enumerate(result.matrix[-1])})
         for logger in trainer.loggers:
-            logger.log_metrics(values, step=len(self.matrix) - 1)
+            logger.log_metrics(values, step=self.log_step)
             logger.save()
+
+
+def _as_collection(metric: Metric | MetricCollection | None, stream: TaskStream) -> MetricCollection:
+    if metric is None:
+        if stream.num_classes < 2:
+            raise ValueError(
+                "ContinualEvaluation measures accuracy by default, which needs a stream of at least 2 classes, but "
+                f"`stream.num_classes` is {stream.num_classes}. For a regression stream pass a metric that fits it, "
+                "e.g. `ContinualEvaluation(stream, metric=torchmetrics.MeanSquaredError())`."
+            )
+        accuracy = MulticlassAccuracy(stream.num_classes, average="micro", ignore_index=IGNORE_INDEX)
+        return MetricCollection({DEFAULT_METRIC: accuracy})
+    if isinstance(metric, MetricCollection):
+        return metric
+    if isinstance(metric, Metric):
+        return MetricCollection({type(metric).__name__: metric})
+    raise TypeError(
+        "`metric` must be a torchmetrics Metric or MetricCollection (e.g. `torchmetrics.MeanSquaredError()`), got "
+        f"{type(metric).__name__}."
+    )
+
+
+def _directions(collection: MetricCollection) -> dict[str, bool]:
+    """Whether higher is better, for every metric of ``collection`` by name."""
+    directions = {}
+    for name, metric in collection.items(keep_base=False, copy_state=False):
+        if metric.higher_is_better is None:
+            raise ValueError(
+                f"The metric {name!r} ({type(metric).__name__}) does not say whether higher is better (its "
+                "`higher_is_better` is None), which BWT and forgetting need. Set it on the instance before passing "
+                "it: `metric.higher_is_better = True` (or False)."
+            )
+        directions[str(name)] = bool(metric.higher_is_better)
+    return directions
+
+
+def _mask_to_classes(predictions: Tensor, targets: Tensor, task: Task) -> Tensor:
+    if predictions.ndim != targets.ndim + 1:
+        raise ValueError(
+            f"`task_incremental=True` masks class scores to each task's classes, but predictions of shape "
+            f"{tuple(predictions.shape)} are no class scores for targets of shape {tuple(targets.shape)}. Pass "
+            "`task_incremental=False`."
+        )
+    allowed = torch.zeros(predictions.shape[-1], dtype=torch.bool, device=predictions.device)
+    allowed[list(task.classes)] = True
+    return predictions.masked_fill(~allowed, float("-inf"))
+
+
+def _aligned(predictions: Tensor, targets: Tensor) -> Tensor:
+    """``predictions`` in the layout torchmetrics expects: class scores last (``[B, C]``, ``[B, T, C]``) moved to
+    dimension 1, one output per row (``[B, 1]`` for targets ``[B]``) squeezed."""
+    if predictions.ndim == targets.ndim + 1 and predictions.shape[:-1] == targets.shape:
+        return predictions.squeeze(-1) if predictions.shape[-1] == 1 else predictions.movedim(-1, 1)
+    return predictions
+
+
+def _scalar(computed: dict[str, Any], name: str, task: Task) -> float:
+    value = computed.get(name)
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        shape = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else f"a {type(value).__name__}"
+        raise ValueError(
+            f"The metric {name!r} gave a value of {shape} on task {task.index}, but the metric matrix needs one "
+            "number per task: use a metric that averages to a scalar (e.g. `average='macro'`)."
+        )
+    return float(value)
+
+
+def _logging_step(trainer: Trainer) -> int:
+    """The step the Trainer logs at (``self.log``, LearningRateMonitor): ``fit_loop.epoch_loop._batches_that_stepped``,
+    the optimizer steps of this Trainer (restored with the loops from a checkpoint). Checked on Lightning 2.6.6."""
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def _continue_logging_step(trainer: Trainer, step: int) -> None:
+    """Make the Trainer log from ``step`` on: ``fit_loop.epoch_loop._batches_that_stepped``, which Lightning uses
+    for the step of its logs only."""
+    trainer.fit_loop.epoch_loop._batches_that_stepped = step

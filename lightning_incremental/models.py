@@ -1,4 +1,4 @@
-"""The reference model of the benchmarks and the command line (DESIGN.md §6): an MLP classifier."""
+"""The reference model of the benchmarks and the command line (``docs/architecture.md``): an MLP classifier."""
 
 import itertools
 from collections.abc import Sequence

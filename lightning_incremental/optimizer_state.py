@@ -138,6 +138,14 @@ class KeepOptimizerState(ContinualCallback):
     # ------------------------------------------------------------------ task boundaries
     @override
     def on_task_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        try:
+            self._carry_into(trainer, pl_module)
+        except ValueError:
+            self._task_in_progress = False  # refused: the fit after the fix starts this task, it resumes nothing
+            raise
+
+    def _carry_into(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Load the carried state into this task's optimizers (and LR schedulers), after checking they fit it."""
         names = _parameter_names(trainer, pl_module)
         if not self.optimizers:
             return

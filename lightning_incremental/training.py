@@ -1,4 +1,4 @@
-"""``fit_tasks``: the task loop of DESIGN.md §1 in one call; ``load_task_checkpoint``: resume between tasks."""
+"""``fit_tasks``: the task loop in one call; ``load_task_checkpoint``: resume between tasks."""
 
 from collections.abc import Sequence
 from pathlib import Path

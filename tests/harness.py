@@ -105,7 +105,7 @@ def free_port() -> int:
 def run_like_torchrun(worker: Callable[[int, Path], None], out_dir: Path, nprocs: int = 2) -> None:
     """Run ``worker(rank, out_dir)`` in ``nprocs`` forked processes set up as torchrun would.
 
-    Every process lives through the whole task loop (DESIGN.md §4, the production path); a Trainer with
+    Every process lives through the whole task loop (the production path); a Trainer with
     ``strategy="ddp"`` in them joins the process group instead of launching processes.
     """
     port = free_port()

@@ -44,6 +44,10 @@ def test_permuted_and_task_incremental_scenarios_run(tmp_path):
         (["--methods", "naive", "ewcc"], "unknown method(s) 'ewcc'; choose from naive, joint"),
         (["--scenario", "rotated"], "unknown scenario 'rotated'; choose from split, split-task, permuted"),
         (["--epochs", "0"], "--epochs must be at least 1"),
+        (
+            ["--tasks", "3"],
+            "--tasks 3: 10 classes do not divide into `n_tasks=3` equal tasks; use one of [1, 2, 5, 10]",
+        ),
     ],
 )
 def test_unknown_names_and_bad_values_list_the_valid_choices(argv, message, capsys):

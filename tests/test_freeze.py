@@ -132,8 +132,8 @@ def test_selection_by_pattern_regex_type_and_position():
         "net.3.weight",
         "net.3.bias",
     ]
-    # net.0 and net.1 frozen: the BatchNorm trains with train_bn=True, is frozen with train_bn=False
-    assert FreezeLayers(train_last=1).frozen_names(model) == ["net.0.weight", "net.0.bias"]
+    # net.0 and net.1 frozen: the BatchNorm is frozen by default (train_bn=False), trains with train_bn=True
+    assert FreezeLayers(train_last=1, train_bn=True).frozen_names(model) == ["net.0.weight", "net.0.bias"]
     assert FreezeLayers(train=["net.3.*"], train_bn=False).frozen_names(model) == [
         "net.0.weight",
         "net.0.bias",

@@ -183,7 +183,7 @@ def test_unusable_setups_fail_with_the_argument_and_the_fix(split_stream):
     with pytest.raises(ValueError, match=r"`feature_module='classifier'` is not a submodule.*net\.2"):
         trainer(1, [ICaRL(feature_module="classifier")]).fit(model, train_loader(split_stream[0]))
     unlabelled = DataLoader(torch.randn(16, 16), batch_size=8)
-    with pytest.raises(ValueError, match="labelled batches"):
+    with pytest.raises(ValueError, match="ICaRL keeps exemplars per class and needs the class label of every row"):
         trainer(1, [ICaRL()]).fit(model, unlabelled)
     with pytest.raises(ValueError, match=r"`buffer_size=1` leaves no exemplar for 2 classes"):
         trainer(1, [ICaRL(buffer_size=1)]).fit(model, train_loader(split_stream[0]))

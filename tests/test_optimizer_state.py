@@ -1,6 +1,7 @@
 """KeepOptimizerState: the optimizer's state carried from one task (one fit) to the next."""
 
 import copy
+import os
 from pathlib import Path
 
 import lightning as L
@@ -297,11 +298,14 @@ def test_a_fit_resumed_mid_task_ends_as_the_uninterrupted_one(tmp_path):
 # ---------------------------------------------------------------------------------------------- DDP
 def test_ddp_carries_the_same_state_as_one_process_with_the_whole_batch(tmp_path):
     ddp_model, ddp_keep = net(), KeepOptimizerState()
-    for seed in (1, 2):  # each rank: 16 rows in 2 steps of 8; together the rows of one batch of 16
+    for seed in (1, 2):  # each rank: 16 rows in 2 steps of 8
         trainer(1, [ddp_keep, _SaveState(tmp_path)], strategy="ddp_fork", devices=2).fit(ddp_model, loader(data(seed)))
+    # Lightning's DistributedSampler shuffles training data (seed PL_GLOBAL_SEED + epoch) and deals the order to
+    # the ranks in turn: step k of the two ranks together is rows order[16k : 16k + 16], one batch of 16
+    order = torch.randperm(32, generator=torch.Generator().manual_seed(int(os.environ["PL_GLOBAL_SEED"]))).tolist()
     one_model, one_keep = net(), KeepOptimizerState()
     for seed in (1, 2):
-        trainer(1, [one_keep]).fit(one_model, loader(data(seed), batch_size=16))
+        trainer(1, [one_keep]).fit(one_model, DataLoader(data(seed), batch_size=16, sampler=order))
 
     for rank in (0, 1):  # every rank started task 2 from the carried state, and they agree
         started = torch.load(tmp_path / f"rank{rank}_task1.pt", weights_only=True)

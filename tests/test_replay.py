@@ -63,8 +63,8 @@ def test_buffer_keeps_the_input_dtype_and_reports_its_memory():
     images, labels = torch.randint(0, 255, (4, 1, 8, 8), dtype=torch.uint8), torch.arange(4)
     buffer.add([images, labels], groups=None, extras={"logits": torch.randn(4, 5)})
     assert [t.dtype for t in buffer.storage] == [torch.uint8, torch.int64]
-    assert buffer.nbytes == 10 * 64 * 1 + 10 * 8 + 10 * 5 * 4
-    rows, extras, index = buffer.sample(6)
+    assert buffer.nbytes == 10 * 64 * 1 + 10 * 8 + 10 * 5 * 4 + 10 * 8  # rows, logits, each slot's group
+    rows, extras, index, _ = buffer.sample(6)
     torch.testing.assert_close(rows[0], buffer.storage[0][index])
     assert extras["logits"].shape == (6, 5)
 
@@ -283,5 +283,5 @@ def test_a_balanced_policy_on_unlabelled_batches_says_it_needs_labels(split_stre
         def training_step(self, batch, batch_idx):
             return self(batch).square().mean()
 
-    with pytest.raises(ValueError, match="labelled batches"):
+    with pytest.raises(ValueError, match=r"ExperienceReplay\(policy='class_balanced'\).*needs the targets"):
         trainer(1, [ExperienceReplay(policy="class_balanced")]).fit(_Unsupervised(16, 6, hidden=(8,)), unlabelled)

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_incremental.methods.fusion import WeightMerging
-from lightning_incremental.methods.fusion.functional import drop_and_rescale, trim_top_k
+from lightning_incremental.methods.fusion.functional import drop_and_rescale, ties_merge, ties_update, trim_top_k
 from lightning_incremental.methods.regularization import EWC
 from lightning_incremental.models import MLPClassifier
 from lightning_incremental.scenarios import synthetic_stream
@@ -209,10 +209,27 @@ def test_ties_one_task_at_a_time_equals_ties_over_all_task_vectors_at_once():
     run = five_task_run("ties")
     taus = run.task_vectors()
     run.assert_merged([_ties_at_once(prefix, 0.2) for prefix in _prefixes(taus)], scale=1.0)
-    trimmed = torch.stack([_flat(t) for t in (trim_top_k(tau, 0.2) for tau in taus)])
-    assert ((trimmed > 0).any(0) & (trimmed < 0).any(0)).sum() > 10  # the sign election had conflicts to settle
-    kept = (trimmed != 0).float().mean(1)
+    kept = torch.stack([(_flat(trim_top_k(tau, 0.2)) != 0).float().mean() for tau in taus])
     torch.testing.assert_close(kept, torch.full_like(kept, 0.2), atol=1e-3, rtol=0)
+
+
+def test_ties_statistics_settle_sign_conflicts_as_the_all_at_once_election():
+    generator = torch.Generator().manual_seed(0)
+    taus = [{"a": torch.randn(50, generator=generator), "b": torch.randn(4, 5, generator=generator)} for _ in range(6)]
+    for t, tau in enumerate(taus):  # entry a[0]: +5 and -5 kept in tasks 0 and 1, nothing elsewhere: a zero total
+        tau["a"][0] = {0: 5.0, 1: -5.0}.get(t, 0.0)
+    statistics = {}
+    for t, prefix in enumerate(_prefixes(taus)):
+        merged = ties_merge(ties_update(statistics, trim_top_k(taus[t], 0.3)))
+        expected = _ties_at_once(prefix, 0.3)
+        for name in merged:
+            torch.testing.assert_close(merged[name].double(), expected[name], atol=1e-6, rtol=0)
+    trimmed = torch.stack([_flat(trim_top_k(tau, 0.3)) for tau in taus])
+    assert ((trimmed > 0).any(0) & (trimmed < 0).any(0)).sum() >= 10  # the election had conflicts to settle
+    plain_mean = trimmed.sum(0) / (trimmed != 0).sum(0).clamp(min=1)
+    assert (_flat(merged) - plain_mean).abs().max() > 0.5  # and the disjoint mean differs from the plain one
+    majority = 1.0 if torch.sign(trimmed.sum(0)).sum() >= 0 else -1.0
+    assert merged["a"][0].item() == 5.0 * majority  # the zero total took the majority's sign
 
 
 def test_trim_keeps_the_top_k_fraction_over_the_whole_task_vector():

@@ -15,7 +15,7 @@ from lightning_incremental.scenarios.stream import (
 def load_digits(test_size: float = 0.2, random_state: int = 0) -> tuple[LabeledTensorDataset, LabeledTensorDataset]:
     """scikit-learn's bundled 8x8 digits: a stratified train/test split, pixels / 16, flattened to 64 features.
 
-    With the defaults this is the split of the reference protocol (DESIGN.md §6): 1437 train, 360 test.
+    With the defaults this is the split of the reference protocol (``docs/architecture.md``): 1437 train, 360 test.
 
     >>> train, test = load_digits()
     >>> len(train), len(test), tuple(train[0][0].shape), float(train.inputs.max())
@@ -41,7 +41,7 @@ def digits_stream(
     seed: int = 0,
     task_labels: bool = False,
 ) -> TaskStream:
-    """The reference streams of DESIGN.md §6 on the bundled digits.
+    """The reference streams of ``docs/architecture.md`` on the bundled digits.
 
     ``"split"``: classes (0, 1), (2, 3), … one pair per task (class-incremental, or task-incremental with
     ``task_labels=True``). ``"permuted"``: all ten classes, task 0 unpermuted, tasks 1… a fixed random pixel

@@ -46,10 +46,9 @@ class FreezeLayers(ContinualCallback):
     Methods that add gradient terms (EWC, SI, …) skip parameters without a gradient, so they compose.
 
     **BatchNorm.** A BatchNorm layer is in the frozen part when it is, or sits inside, a module all of whose
-    parameters are frozen. ``train_bn=True`` keeps such layers training (their affine parameters learn,
-    their running statistics update), as Lightning's ``BaseFinetuning`` does; ``train_bn=False`` freezes
-    their parameters and holds them in eval mode during training, so they normalise with the running
-    statistics they had and leave them unchanged.
+    parameters are frozen. By default (``train_bn=False``) the frozen part is fixed entirely: such layers'
+    parameters are frozen and the layers held in eval mode during training, so they normalise with the
+    running statistics they had and leave them unchanged. ``train_bn=True`` keeps them training instead.
 
     **State.** The decision depends only on the task index, so the base class's task counters are the
     whole state; a resumed fit freezes exactly what the interrupted one did.
@@ -61,7 +60,9 @@ class FreezeLayers(ContinualCallback):
         freeze_first: freeze the first N layers.
         train_last: train only the last N layers.
         from_task: the first task index at which the freeze applies (>= 0).
-        train_bn: whether BatchNorm layers in the frozen part keep training.
+        train_bn: whether BatchNorm layers in the frozen part keep training (default ``False``: the frozen part
+            stays fixed bit for bit). ``True`` lets their affine parameters learn and their running statistics
+            update, as Lightning's ``BaseFinetuning`` does.
 
     Example::
 
@@ -90,7 +91,7 @@ class FreezeLayers(ContinualCallback):
         train: Pattern | Sequence[Pattern] | None = None,
         freeze: Pattern | Sequence[Pattern] | None = None,
         from_task: int = 0,
-        train_bn: bool = True,
+        train_bn: bool = False,
         *,
         freeze_modules: type[nn.Module] | Sequence[type[nn.Module]] = (),
         freeze_first: int = 0,

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_incremental.core import ContinualCallback
+from lightning_incremental.methods.fusion.weight_merging import WeightMerging
 from lightning_incremental.methods.partial.freeze import Pattern, _matching, _patterns
 from lightning_incremental.methods.regularization._quadratic import QuadraticPenalty
 
@@ -134,6 +135,11 @@ class LoRA(ContinualCallback):
     directions. SI's path integral divides by the movement from the task's start to the fresh adapter, not to
     the trained one (the same when ``epsilon`` dominates, as with its default). In ``"per_task"`` mode a task's
     set is frozen once the task ends, so the penalty ends up on the ``train`` extras only.
+
+    **WeightMerging beside it** also comes after this callback (it raises otherwise), so a base weight's task
+    vector is the update merged into it. WeightMerging merges every floating-point tensor, the fresh adapters
+    too: ``B`` stays 0 (all its task vectors are 0) and ``A`` becomes a merge of fresh draws, which changes only
+    where the next task's adapters start, not the model.
 
     **State.** The number of adapter sets is in ``state_dict``; the adapters are the model's parameters, in its
     own ``state_dict``. A fit resumed with ``ckpt_path`` finds everything. A new process that starts the next
@@ -265,7 +271,7 @@ class LoRA(ContinualCallback):
         if stage != "fit":
             return
         if self.mode == "merge":
-            _check_regularizers_follow(self, trainer)
+            _check_weight_readers_follow(self, trainer)
         self._trainer = trainer
         self._update(pl_module)
 
@@ -437,20 +443,21 @@ def _peft_trainable(module: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def _check_regularizers_follow(lora: LoRA, trainer: Trainer) -> None:
-    """In merge mode the merge must come before a regularizer consolidates at the task end."""
+def _check_weight_readers_follow(lora: LoRA, trainer: Trainer) -> None:
+    """In merge mode the merge must come before the callbacks that read the weights at the task end."""
     before = []
     for callback in trainer.callbacks:
         if callback is lora:
             break
-        if isinstance(callback, QuadraticPenalty):
+        if isinstance(callback, QuadraticPenalty | WeightMerging):
             before.append(type(callback).__name__)
     if before:
         raise ValueError(
             f"{', '.join(before)} come(s) before LoRA in the Trainer's callbacks. With mode='merge', put LoRA first "
-            f"(callbacks=[LoRA(...), {before[0]}(...)]): LoRA merges its adapters at the task end, and a regularizer "
-            "that consolidated before that would anchor the adapters at the update the merge already moved into "
-            "the weights, pulling the next task's fresh adapters back to it."
+            f"(callbacks=[LoRA(...), {before[0]}(...)]): LoRA merges its adapters into the weights at the task end, "
+            "and the callbacks that read the weights there must see the merged model. A regularizer would anchor "
+            "the adapters at the update the merge already moved into the weights and pull the next task's fresh "
+            "adapters back to it; WeightMerging would merge the factors A and B apart instead of their product."
         )
 
 
@@ -459,7 +466,8 @@ def _linear_types(types: type[nn.Module] | Sequence[type[nn.Module]]) -> tuple[t
     for kind in types:
         if not (isinstance(kind, type) and issubclass(kind, nn.Linear)):
             raise TypeError(
-                f"`module_types` takes linear layer types, nn.Linear or its subclasses; got {kind!r}, which LoRA "
+                f"`module_types` takes linear layer types, nn.Linear or its subclasses; got "
+                f"{getattr(kind, '__name__', repr(kind))}, which LoRA "
                 "cannot adapt (it adds B A x to y = W x + b). Choose layers by name with `target_modules`, or use "
                 "PEFT (LoraConfig) for other layer types and pass LoRA() the PEFT model."
             )

@@ -13,21 +13,25 @@ The pure functions (:func:`class_sums`, :func:`ridge_statistics`, :func:`holdout
 only feed them.
 """
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from lightning_incremental.core import ContinualCallback, split_batch
-
-ForwardFn = Callable[[LightningModule, Any], Any]
-TargetsFn = Callable[[Any], Tensor]
+from lightning_incremental.core import (
+    ContinualCallback,
+    ModelInterface,
+    _lightning,
+    check_interface_argument,
+    interface_of,
+    private_pass,
+)
 
 HEAD_NAMES = ("head", "classifier", "fc")
 """The submodule names a head is looked for under when ``head_module`` is not given, in this order."""
@@ -95,7 +99,12 @@ def ridge_solve(gram: Tensor, targets: Tensor, ridge: float) -> Tensor:
 
 
 def ridge_validation_errors(
-    gram_fit: Tensor, targets_fit: Tensor, gram_val: Tensor, targets_val: Tensor, val_rows: float, ridges: Sequence[float]
+    gram_fit: Tensor,
+    targets_fit: Tensor,
+    gram_val: Tensor,
+    targets_val: Tensor,
+    val_rows: float,
+    ridges: Sequence[float],
 ) -> Tensor:
     r"""The mean squared error on held-out rows of ``W(l) = (G_fit + l I)^-1 C_fit``, for every ``l`` in ``ridges``.
 
@@ -219,8 +228,7 @@ class ClosedFormHead(ContinualCallback):
         head_module: str | None,
         num_classes: int | None,
         in_features: int | None,
-        forward: ForwardFn | None,
-        targets: TargetsFn | None,
+        model_interface: ModelInterface | None,
     ) -> None:
         super().__init__()
         if head_module is not None and (not isinstance(head_module, str) or not head_module):
@@ -228,11 +236,8 @@ class ClosedFormHead(ContinualCallback):
         for name, value in (("num_classes", num_classes), ("in_features", in_features)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"`{name}` must be a positive integer or None (read from the head), got {value!r}.")
-        for name, value in (("forward", forward), ("targets", targets)):
-            if value is not None and not callable(value):
-                raise TypeError(f"`{name}` must be a callable or None, got {type(value).__name__}.")
         self.head_module, self.num_classes, self.in_features = head_module, num_classes, in_features
-        self.forward, self.targets = forward, targets
+        self.model_interface = check_interface_argument(model_interface)
         self.classifier: ClosedFormClassifier | None = None
         self._head_name: str | None = None
 
@@ -245,7 +250,9 @@ class ClosedFormHead(ContinualCallback):
         """A task's statistics before its first row: float64 zeros of fixed shapes (every rank the same)."""
         raise NotImplementedError
 
-    def accumulate(self, statistics: list[Tensor], features: Tensor, labels: Tensor) -> None:
+    def accumulate(
+        self, statistics: list[Tensor], features: Tensor, labels: Tensor, classifier: ClosedFormClassifier
+    ) -> None:
         """Add the rows ``features`` (float32, ``[rows, in_features]``) with ``labels`` to ``statistics``."""
         raise NotImplementedError
 
@@ -309,7 +316,7 @@ class ClosedFormHead(ContinualCallback):
                 )
         path = next((n for n, m in model.named_modules() if m is module and n), None)
         if path is None:
-            raise ValueError(f"The head of {type(model).__name__} is not a registered submodule: name it `head_module=`.")
+            raise ValueError(f"The head of {type(model).__name__} is not a registered submodule: pass `head_module=`.")
         return path
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -317,60 +324,44 @@ class ClosedFormHead(ContinualCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher) and not isinstance(
+        if trainer.max_epochs == 0 or trainer.max_steps == 0 or trainer.limit_train_batches == 0:
+            raise ValueError(
+                f"{type(self).__name__} computes the head at the end of the fit's training, which Lightning skips "
+                "with `max_epochs=0`, `max_steps=0` or `limit_train_batches=0`. Keep the Trainer's usual settings: "
+                "when nothing but the head would train (a frozen backbone), the fit ends before its first step."
+            )
+        if _lightning.spawned_launcher(trainer) is not None and not isinstance(
             pl_module.get_submodule(self._head_path(pl_module)), self.classifier_type
         ):
             raise RuntimeError(
-                f"Under ddp_spawn / ddp_fork only the weights come back from the worker processes, so the main "
+                "Under ddp_spawn / ddp_fork only the weights come back from the worker processes, so the main "
                 f"process's model must already hold the closed-form layer: call `{type(self).__name__}"
                 "(...).install(model)` once before the first fit (or use strategy='ddp')."
             )
-        self.install(pl_module)
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.limit_train_batches == 0:
-            raise ValueError(
-                f"{type(self).__name__} reads the task's training data at the end of the fit, but "
-                "`limit_train_batches=0` gives the Trainer none. To fit the head without training, pass "
-                "`max_epochs=0` instead."
-            )
-        super().on_fit_start(trainer, pl_module)
+        classifier = self.install(pl_module)
+        if classifier.fitted:  # `original` is unused from now on: it trains only to keep DDP wrappable
+            original = set(classifier.original.parameters())
+            others_train = any(p.requires_grad for p in pl_module.parameters() if p not in original)
+            classifier.original.requires_grad_(not others_train)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        classifier = self._classifier(pl_module)
-        unused = {id(p) for p in classifier.original.parameters()} if classifier.fitted else set()
-        if pl_module.automatic_optimization and not any(
-            p.requires_grad and id(p) not in unused for p in pl_module.parameters()
-        ):
-            raise RuntimeError(
-                f"Nothing in {type(pl_module).__name__} can train (no parameter that requires grad reaches the "
-                f"loss): a training step would fail. {type(self).__name__} needs no training — fit this task with "
-                "`Trainer(max_epochs=0)`; the head is computed at the end of the fit."
+        original = set(self._classifier(pl_module).original.parameters())
+        if not any(p.requires_grad for p in pl_module.parameters() if p not in original):
+            rank_zero_info(
+                f"{type(self).__name__}: nothing trains but the head layer it replaces (a frozen backbone), so the "
+                "fit ends before its first step and the head is computed from the task's data."
             )
+            trainer.should_stop = True
 
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         classifier = self._classifier(pl_module)
         statistics = self.zero_statistics(classifier, pl_module.device)
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with torch.no_grad(), trainer.precision_plugin.forward_context():
-                for features, labels in self._task_rows(trainer, pl_module, classifier):
-                    self.accumulate(statistics, features, labels)
-        finally:
-            pl_module.train(was_training)
+        interface = interface_of(pl_module, self.model_interface)
+        with torch.no_grad(), private_pass(pl_module), trainer.precision_plugin.forward_context():
+            for features, labels in self._task_rows(trainer, pl_module, classifier, interface):
+                self.accumulate(statistics, features, labels, classifier)
         self.consolidate(all_reduce_sum(statistics), classifier)
-
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._task_in_progress:  # the fit trained nothing (max_epochs=0), so on_train_end did not run
-            home = pl_module.device  # the strategy's teardown moved the model to the CPU
-            pl_module.to(trainer.strategy.root_device)
-            try:
-                self.on_train_end(trainer, pl_module)
-            finally:
-                pl_module.to(home)
-        super().on_fit_end(trainer, pl_module)
 
     # ------------------------------------------------------------------ the pass over the task
     def _classifier(self, pl_module: LightningModule) -> ClosedFormClassifier:
@@ -378,7 +369,7 @@ class ClosedFormHead(ContinualCallback):
         return classifier if isinstance(classifier, self.classifier_type) else self.install(pl_module)
 
     def _task_rows(
-        self, trainer: Trainer, pl_module: LightningModule, classifier: ClosedFormClassifier
+        self, trainer: Trainer, pl_module: LightningModule, classifier: ClosedFormClassifier, interface: ModelInterface
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """``(features, labels)`` of every row of this rank's share of the task: the head's input, in float32."""
         recorded: list[Any] = []
@@ -386,20 +377,19 @@ class ClosedFormHead(ContinualCallback):
         try:
             for batch in _task_batches(trainer):
                 batch = move_data_to_device(batch, pl_module.device)
-                labels = self._labels(batch, classifier.num_classes)
+                labels = self._labels(interface.targets(batch), classifier.num_classes)
                 recorded.clear()
-                if self.forward is not None:
-                    self.forward(pl_module, batch)
-                else:
-                    pl_module(split_batch(batch)[0])
+                interface.forward(pl_module, batch)
                 yield self._features(recorded, len(labels), classifier), labels
         finally:
             handle.remove()
 
-    def _labels(self, batch: Any, num_classes: int) -> Tensor:
-        targets = self.targets(batch) if self.targets is not None else split_batch(batch)[1]
-        if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.is_complex() or targets.dtype == (
-            torch.bool
+    def _labels(self, targets: Any, num_classes: int) -> Tensor:
+        if (
+            not isinstance(targets, Tensor)
+            or targets.is_floating_point()
+            or targets.is_complex()
+            or targets.dtype == (torch.bool)
         ):
             kind = targets.dtype if isinstance(targets, Tensor) else type(targets).__name__
             raise TypeError(
@@ -412,7 +402,7 @@ class ClosedFormHead(ContinualCallback):
         if targets.ndim != 1:
             raise ValueError(
                 f"{type(self).__name__} needs class labels: one class index per row, got targets of shape "
-                f"{tuple(targets.shape)}. Pass `targets=` returning a [batch] tensor of class indices."
+                f"{tuple(targets.shape)}. Pass `model_interface=ModelInterface(target_key=...)` naming the labels."
             )
         if len(targets) and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
             raise ValueError(
@@ -426,14 +416,14 @@ class ClosedFormHead(ContinualCallback):
             raise RuntimeError(
                 f"The head `{self._head_name}` did not run during the model's forward on a training batch, so its "
                 "input (the backbone's features) is unknown. `head_module=` must name the layer that produces the "
-                "logits, and `forward=` must run the model on a batch."
+                "logits."
             )
         features = recorded[-1]
-        expected = (rows, classifier.in_features)
-        if not isinstance(features, Tensor) or not features.is_floating_point() or tuple(features.shape) != expected:
-            found = f"of shape {tuple(features.shape)}" if isinstance(features, Tensor) else type(features).__name__
+        expected = [rows, classifier.in_features]
+        if not isinstance(features, Tensor) or not features.is_floating_point() or list(features.shape) != expected:
+            found = f"of shape {list(features.shape)}" if isinstance(features, Tensor) else type(features).__name__
             raise ValueError(
-                f"The input of the head `{self._head_name}` is {found}, not floating features of shape {list(expected)} "
+                f"The input of the head `{self._head_name}` is {found}, not floating features of shape {expected} "
                 "([batch, in_features]), so the backbone's features cannot be read from it. Name as `head_module=` "
                 "the layer whose input is the pooled features (e.g. the last Linear)."
             )

@@ -6,11 +6,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lightning_incremental.core import ModelInterface
 from lightning_incremental.methods.pretrained._statistics import (
     ClosedFormClassifier,
     ClosedFormHead,
-    ForwardFn,
-    TargetsFn,
     class_sums,
 )
 
@@ -57,29 +56,30 @@ class PrototypeHead(ClosedFormHead):
     your own code need nothing else. Classes not seen yet score the lowest value. Put the head before
     ``ContinualEvaluation`` in the callbacks.
 
-    **Training nothing.** With a frozen backbone there is nothing to train: fit every task with
-    ``Trainer(max_epochs=0)``. Lightning then runs no training step (and no ``on_train_end``); the head is
-    computed at the end of the fit. ``limit_train_batches=0`` gives the Trainer no data, and a training step on a
-    model with nothing trainable fails in the backward; both raise an error that names ``max_epochs=0``.
-    ``configure_optimizers`` still runs: ``Adam(self.parameters())`` is fine, an empty parameter list is not
-    (torch raises "optimizer got an empty parameter list"; return ``None`` instead).
+    **A frozen backbone trains nothing**, and you write nothing special: freeze the backbone
+    (``backbone.requires_grad_(False)`` or :class:`~lightning_incremental.FreezeLayers`) and fit each task with your
+    usual Trainer. When no parameter but those of the replaced head layer would train, the head stops the fit
+    before its first step (``trainer.should_stop`` in ``on_train_start``; Lightning then still runs
+    ``on_train_end``, where the head is computed). ``max_epochs=0``, ``max_steps=0`` and ``limit_train_batches=0``
+    are refused with that advice: Lightning skips ``on_train_end`` and, with ``limit_train_batches=0``, loads no
+    training data. ``configure_optimizers`` still runs, so it must not build an optimizer over an empty list
+    (``Adam(self.parameters())`` is fine).
 
-    **Adapt once** (as APER and RanPAC do): train the whole model on the first task with its own head
-    (``max_epochs=E``), then ``max_epochs=0`` for every later task. The prototypes are computed at every task end
-    with the backbone as it is then; train it only before the first task end, or the earlier tasks' statistics
-    describe a backbone that no longer exists.
+    **Adapt once** (as APER and RanPAC do): train the backbone on the first task through its own head, then freeze
+    it, e.g. with ``FreezeLayers(freeze=["backbone.*"], from_task=1)`` listed before the head. The prototypes are
+    computed at every task end with the backbone as it is then; a backbone that keeps training makes the earlier
+    tasks' statistics describe a backbone that no longer exists.
 
-    **Hugging Face models.** The features are the head layer's input: for a LightningModule around
-    ``AutoModel`` with ``self.head = nn.Linear(384, 20)`` over the mean-pooled output, the default finds ``head``;
-    for ``AutoModelForSequenceClassification`` name its ``classifier`` (``head_module="model.classifier"``).
-    Dict batches need ``forward=`` and ``targets=``, e.g. ``forward=lambda m, b: m(b["input_ids"],
-    b["attention_mask"])`` and ``targets=lambda b: b["labels"]``.
+    **Hugging Face models.** The features are the head layer's input: for a LightningModule around ``AutoModel``
+    with ``self.head = nn.Linear(384, 20)`` over the mean-pooled output the default finds ``head``; for
+    ``AutoModelForSequenceClassification`` it finds ``classifier`` (its input is the pooler's output). Dict batches
+    such as ``{"input_ids", "attention_mask", "labels"}`` are read by the
+    :class:`~lightning_incremental.ModelInterface` (``model(**inputs)``); pass ``model_interface=`` otherwise.
 
     **DDP.** Every rank reads every ``world_size``-th row of the task's dataset (each row once, no sampler padding)
-    and the sums are all-reduced, so every rank holds the same prototypes. Lightning wraps the model in
-    DistributedDataParallel, which refuses a model with no trainable parameter: leave the head's own layer
-    trainable (it is unused once fitted). Under ``ddp_spawn`` / ``ddp_fork`` call :meth:`install` on the model
-    before the first fit.
+    and the sums are all-reduced, so every rank holds the same prototypes. DistributedDataParallel refuses a model
+    with no trainable parameter: keep the head's own layer trainable (the fit still stops before its first step).
+    Under ``ddp_spawn`` / ``ddp_fork`` call :meth:`install` on the model before the first fit.
 
     **State.** The per-class sums and counts are in ``state_dict`` (the prototypes themselves are in the model's).
     To load a checkpoint into a fresh model outside a Trainer, call :meth:`install` on it first.
@@ -91,9 +91,8 @@ class PrototypeHead(ClosedFormHead):
             ``"model.classifier"``); by default the first submodule called ``head``, ``classifier`` or ``fc``.
         num_classes: the number of classes; by default the head's ``out_features``.
         in_features: the size of the features; by default the head's ``in_features``.
-        forward: ``forward(pl_module, batch)`` runs the model on a batch (its output is not used); default
-            ``pl_module(x)``.
-        targets: ``targets(batch)`` returns the class labels; default the ``y`` of ``(x, y)`` or ``{"y": ...}``.
+        model_interface: how to call the model on a batch and read its class labels; default: the model's
+            ``continual_interface``, else :class:`~lightning_incremental.ModelInterface`'s defaults.
 
     Example::
 
@@ -101,14 +100,17 @@ class PrototypeHead(ClosedFormHead):
         >>> from lightning_incremental import ContinualEvaluation, MLPClassifier
         >>> from lightning_incremental.scenarios import synthetic_stream
         >>> _ = L.seed_everything(0, verbose=False)
-        >>> stream, model = synthetic_stream(n_tasks=2), MLPClassifier(16, 4, hidden=(64,))  # a random backbone
+        >>> stream, model = synthetic_stream(n_tasks=2), MLPClassifier(16, 4, hidden=(64,))
+        >>> _ = model.net[0].requires_grad_(False)  # a frozen (here random) backbone
         >>> head, evaluation = PrototypeHead(), ContinualEvaluation(stream)
         >>> for task in stream:
-        ...     trainer = L.Trainer(max_epochs=0, callbacks=[head, evaluation], logger=False, enable_progress_bar=False,
+        ...     trainer = L.Trainer(max_epochs=5, callbacks=[head, evaluation], logger=False, enable_progress_bar=False,
         ...                         enable_checkpointing=False, enable_model_summary=False)
         ...     trainer.fit(model, task.train_dataloader(batch_size=32))
         >>> type(model.head).__name__, tuple(model.head.prototypes.shape), head.class_counts.tolist()
         ('CosinePrototypeClassifier', (4, 64), [48.0, 48.0, 48.0, 48.0])
+        >>> trainer.global_step  # nothing trained: the fit stopped before its first step
+        0
         >>> min(evaluation.result().matrix[-1]) > 0.9  # both tasks, classified among all four classes
         True
     """
@@ -120,10 +122,9 @@ class PrototypeHead(ClosedFormHead):
         head_module: str | None = None,
         num_classes: int | None = None,
         in_features: int | None = None,
-        forward: ForwardFn | None = None,
-        targets: TargetsFn | None = None,
+        model_interface: ModelInterface | None = None,
     ) -> None:
-        super().__init__(head_module, num_classes, in_features, forward, targets)
+        super().__init__(head_module, num_classes, in_features, model_interface)
         self.class_sums: Tensor | None = None  # [classes, features], float64
         self.class_counts: Tensor | None = None  # [classes], float64
 
@@ -141,8 +142,10 @@ class PrototypeHead(ClosedFormHead):
         zeros = torch.zeros(classifier.num_classes, classifier.in_features + 1, dtype=torch.float64, device=device)
         return [zeros]  # the sums and, in the last column, the counts: one tensor to reduce
 
-    def accumulate(self, statistics: list[Tensor], features: Tensor, labels: Tensor) -> None:
-        sums, counts = class_sums(features, labels, len(statistics[0]))
+    def accumulate(
+        self, statistics: list[Tensor], features: Tensor, labels: Tensor, classifier: ClosedFormClassifier
+    ) -> None:
+        sums, counts = class_sums(features, labels, classifier.num_classes)
         statistics[0] += torch.cat([sums, counts.unsqueeze(1)], dim=1)
 
     def consolidate(self, statistics: list[Tensor], classifier: ClosedFormClassifier) -> None:

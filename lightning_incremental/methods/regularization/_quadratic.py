@@ -3,7 +3,7 @@
 Every one of them penalises ``lambda / 2 * sum_i Omega_i (theta_i - theta*_i)^2`` and differs only in how it
 builds the importance ``Omega`` and the anchor ``theta*`` at a consolidation. The penalty enters training
 as its closed-form gradient ``lambda * Omega * (theta - theta*)``, added to ``p.grad`` before the
-optimizer step (DESIGN.md §3): no autograd graph, and with ``c = -lambda * Omega * theta*`` precomputed
+optimizer step (``docs/architecture.md``): no autograd graph, and with ``c = -lambda * Omega * theta*`` precomputed
 at consolidation it is two fused passes per step, ``grad += lambda*Omega * theta`` and ``grad += c``.
 """
 

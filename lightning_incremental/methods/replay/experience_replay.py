@@ -1,14 +1,14 @@
 """Experience replay (Chaudhry et al., 2019; Rolnick et al., 2019)."""
 
+from collections.abc import Mapping
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
-from lightning_incremental.buffers import Policy
-from lightning_incremental.core.batch import batch_size_of, concat_batches
-from lightning_incremental.core import StepFn
-from lightning_incremental.methods.replay._base import Fill, ReplayMethod
+from lightning_incremental.buffers import PadValue
+from lightning_incremental.core import ModelInterface, StepFn, batch_size_of
+from lightning_incremental.methods.replay._base import Fill, PolicyChoice, ReplayMethod
 
 
 class ExperienceReplay(ReplayMethod):
@@ -54,11 +54,13 @@ class ExperienceReplay(ReplayMethod):
         buffer_size: int = 200,
         replay_batch_size: int | None = None,
         ratio: float = 4.0,
-        policy: Policy = "class_balanced",
+        policy: PolicyChoice = "auto",
         fill: Fill = "task_end",
         seed: int = 0,
+        model_interface: ModelInterface | None = None,
+        pad_values: Mapping[str, PadValue] | None = None,
     ) -> None:
-        super().__init__(buffer_size, policy, fill, seed)
+        super().__init__(buffer_size, policy, fill, seed, model_interface, pad_values)
         if replay_batch_size is not None and replay_batch_size < 1:
             raise ValueError(f"`replay_batch_size` must be a positive integer or None, got {replay_batch_size}.")
         if not ratio > 0:
@@ -70,10 +72,8 @@ class ExperienceReplay(ReplayMethod):
         if len(self.buffer):
             k = self.replay_batch_size or max(1, round(self.ratio * batch_size_of(batch)))
             replayed, _ = self.replay(batch, k)
-            extended = concat_batches(batch, replayed)
+            extended = self.concat(batch, replayed)
         output = step(extended)
         if self.inserts_now(trainer):
             self.insert(batch)
-        else:
-            self.groups_of(batch)  # a batch the policy cannot use fails now, not at the task's end
         return output

@@ -1,5 +1,6 @@
 """iCaRL: incremental classifier and representation learning (Rebuffi et al., 2017)."""
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -9,19 +10,23 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
-from lightning_incremental.core import ContinualCallback, StepFn, add_to_loss
-from lightning_incremental.core.batch import (
-    batch_leaves,
+from lightning_incremental.buffers import PadValue, ReplayBuffer
+from lightning_incremental.core import (
+    FeatureCapture,
+    ModelInterface,
+    OldModel,
+    Step,
+    add_to_loss,
     batch_size_of,
-    concat_batches,
-    split_batch,
-    split_inputs,
+    index_batch,
+    interface_of,
+    private_pass,
     with_leaves,
 )
-from lightning_incremental.core.logits import FeatureCapture, LogitsCapture
-from lightning_incremental.core.modules import OldModel
-from lightning_incremental.methods.distillation.lwf import distillation_loss
+from lightning_incremental.methods.distillation.lwf import _column_groups, distillation_loss
+from lightning_incremental.methods.replay._base import ReplayMethod, _are_class_labels
 
 
 def herding(features: Tensor, m: int) -> Tensor:
@@ -49,39 +54,48 @@ def herding(features: Tensor, m: int) -> Tensor:
     return torch.tensor(picked, dtype=torch.long, device=features.device)
 
 
-class ICaRL(ContinualCallback):
+class ICaRL(ReplayMethod):
     r"""iCaRL: herding-selected exemplars, replay with distillation, nearest-mean-of-exemplars classification.
 
+    It is a replay method (its exemplars live in the :class:`~lightning_incremental.ReplayBuffer` every replay
+    method owns) with the distillation of :class:`~lightning_incremental.LwF`; what it adds is which rows
+    the buffer keeps and how it classifies.
+
     - **Exemplars.** At the end of every task, the finished task's training data is passed once more through
-      the model (eval mode, no gradient, the Trainer's precision) and the features the classifier reads —
-      the input of the layer that produces the logits, L2-normalised — are recorded. For every class of the
-      task, :func:`herding` orders its rows so that the mean of every prefix approximates the class mean. The
-      memory holds ``buffer_size`` rows in all, ``buffer_size // classes seen`` per class: old classes keep
-      the prefix of their herding order. Exemplars are whole batch rows (inputs, labels, anything else the
-      batch carries) in the batch's own dtype, on the model's device. A class seen again in a later task is
-      herded anew over its exemplars and its new rows.
+      the model (eval mode, no gradient, the Trainer's precision, the user's random streams untouched) and the
+      features the classifier reads — the input of the layer that produces the logits, L2-normalised — are
+      recorded. For every class of the task, :func:`herding` orders its rows so that the mean of every prefix
+      approximates the class mean. The buffer is then refilled with ``buffer_size // classes seen`` rows per
+      class: old classes keep the prefix of their herding order, a class seen again is herded anew over its
+      exemplars and its new rows. Each row keeps its place in its class's herding order (the buffer's
+      ``"position"`` extra) and its class (the buffer's groups). Exemplars are whole batch rows (inputs,
+      labels, anything else the batch carries; sequences padded per key) in the batch's own dtype.
     - **Training.** The user's ``training_step`` receives its batch extended by exemplars (same structure,
       device and dtype, ``ratio`` replayed rows per current row), so its own classification loss covers the
-      old classes; to it the wrapped step adds ``alpha * T^2 * KL(softmax(old / T) || softmax(new / T))``
-      over the old classes' logits, on every row, from a frozen copy of the model at the previous task's
-      end (the distillation of :class:`~lightning_incremental.methods.distillation.LwF`). The paper's
-      sigmoid binary cross-entropy is not used: it pairs with the paper's own sigmoid classification loss,
-      while here the classification loss is the user's (a softmax cross-entropy as a rule), and mixing a
-      sigmoid target for the old columns with a softmax loss over all columns pulls the logits two ways.
+      old classes; to it the wrapped step adds LwF's
+      ``alpha * T^2 * KL(softmax(old / T) || softmax(new / T))`` over the old classes' logits, on every row it
+      passes on, from a frozen copy of the model at the previous task's end. The paper's sigmoid binary
+      cross-entropy is not used: it pairs with the paper's own sigmoid classification loss, while here the
+      classification loss is the user's (a softmax cross-entropy as a rule), and mixing a sigmoid target for
+      the old columns with a softmax loss over all columns pulls the logits two ways.
     - **Classification.** :meth:`predict` classifies by the nearest mean of exemplars: the class whose
       normalised mean of normalised exemplar features (recomputed at every task end with the final model)
       is closest to the input's normalised features. Pass it to the evaluation:
       ``ContinualEvaluation(stream, predict=icarl.predict)`` (the command line and the benchmarks do).
 
-    Under DDP every rank herds over the whole task (the same weights and data give the same exemplars) and
-    holds the whole memory; the ranks replay different exemplars drawn from one shared sampling sequence,
-    so every rank's state stays identical. The exemplars (in herding order), the class means, the old
-    model's weights and the sampler's generator are in ``state_dict``.
+    It needs one integer class label per row, and refuses other targets (real-valued, multi-label,
+    token-level) at the first batch, before any optimizer step.
+
+    **Composition.** Like :class:`~lightning_incremental.ExperienceReplay` it extends the batch the inner
+    methods see; it distils on the rows it passes on, which include an outer replay method's rows.
+
+    **DDP.** Every rank herds over the whole task (the same weights and data give the same exemplars); the
+    exemplars form one global buffer of which each rank holds and replays its share, as in every replay
+    method. The exemplars, the class means, the old model's weights and the sampler's generator are in
+    ``state_dict``.
 
     Defaults (``buffer_size=200``, ``alpha=1.0``, ``temperature=2.0``, ``ratio=4.0``) follow ExperienceReplay
-    and LwF. On the reference protocol's class-incremental split (5 tasks, 10 epochs) iCaRL reaches
-    0.905 ± 0.005 final average accuracy over 3 seeds with nearest-mean classification, against 0.935 for
-    ExperienceReplay with the same 200 rows (``benchmarks/RESULTS.md``).
+    and LwF; their accuracy on the reference protocol is in ``benchmarks/RESULTS.md``.
 
     Args:
         buffer_size: exemplars kept in all (>= 1), split evenly over the classes seen.
@@ -89,9 +103,13 @@ class ICaRL(ContinualCallback):
         temperature: softmax temperature of the distillation (> 0).
         replay_batch_size: exemplars replayed per step; default ``ratio`` times the current batch size.
         ratio: replayed rows per current row when ``replay_batch_size`` is not given (> 0).
-        logits_module: the submodule whose output is the logits (name or module); discovered by default.
+        logits_module: the submodule whose output is the logits (name or module); found by default.
         feature_module: the layer whose input is the features (name or module); by default the innermost
             module that produces the logits, e.g. the last ``Linear``.
+        model_interface: how to read the model's outputs and targets; default: the model's
+            ``continual_interface``, else :class:`~lightning_incremental.ModelInterface`'s defaults.
+        pad_values: the pad value of batch entries whose length varies (``{"input_ids": 1}``); inferred by
+            default (see :class:`~lightning_incremental.ExperienceReplay`).
         seed: seed of the exemplar sampling.
 
     Example::
@@ -113,6 +131,9 @@ class ICaRL(ContinualCallback):
         True
     """
 
+    reads_step_outputs = True
+    adds_loss_terms = True
+
     def __init__(
         self,
         buffer_size: int = 200,
@@ -122,11 +143,13 @@ class ICaRL(ContinualCallback):
         ratio: float = 4.0,
         logits_module: str | nn.Module | None = None,
         feature_module: str | nn.Module | None = None,
+        model_interface: ModelInterface | None = None,
+        pad_values: Mapping[str, PadValue] | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
         if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 1:
             raise ValueError(f"`buffer_size` must be a positive integer (the exemplars kept), got {buffer_size!r}.")
+        super().__init__(buffer_size, "class_balanced", "task_end", seed, model_interface, pad_values)
         if not alpha >= 0:
             raise ValueError(f"`alpha` must be >= 0 (0 turns the distillation off), got {alpha}.")
         if not temperature > 0:
@@ -135,63 +158,63 @@ class ICaRL(ContinualCallback):
             raise ValueError(f"`replay_batch_size` must be a positive integer or None, got {replay_batch_size}.")
         if not ratio > 0:
             raise ValueError(f"`ratio` must be > 0, got {ratio}.")
-        self.buffer_size, self.alpha, self.temperature = buffer_size, float(alpha), float(temperature)
-        self.replay_batch_size, self.ratio, self.seed = replay_batch_size, float(ratio), seed
-        self.capture = LogitsCapture(logits_module)
+        if logits_module is not None and not isinstance(logits_module, (str, nn.Module)):
+            raise TypeError(f"`logits_module` must be a submodule name, a submodule or None, got {logits_module!r}.")
+        self.alpha, self.temperature = float(alpha), float(temperature)
+        self.replay_batch_size, self.ratio = replay_batch_size, float(ratio)
+        self.logits_module = logits_module
         self.features = FeatureCapture(feature_module)
         self.old = OldModel()
         self.classes: list[int] = []  # the classes with exemplars, sorted
-        self.exemplars: list[list[Tensor]] = []  # per class: its rows' batch leaves, in herding order
         self.class_means: Tensor | None = None  # [classes, features], normalised; row i is classes[i]
-        self._input_leaf = self._target_leaf = 0  # which leaves of a batch are the inputs and the labels
-        self._memory: list[Tensor] = []  # every exemplar's leaves, concatenated: what replay samples from
-        self._old_columns: Tensor | None = None  # `classes` on the model's device: the distilled logits
-        self.generator = torch.Generator().manual_seed(seed)
 
     @property
     def old_model(self) -> nn.Module | None:
         """The frozen copy of the model at the last task end (``None`` before the first task ends)."""
         return self.old.module
 
+    @property
+    def exemplars(self) -> list[list[Tensor]]:
+        """For every class of :attr:`classes`: its exemplars' batch tensors, in herding order, as this process
+        holds them (under DDP its share of the buffer; ``state_dict`` holds them all)."""
+        return [_rows_at(self.buffer, _class_slots(self.buffer, c)) for c in self.classes]
+
     # ------------------------------------------------------------------ hooks
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        for capture in (self.capture, self.features):
-            capture.module(pl_module)  # a submodule name that does not exist fails now, not at the task's end
+        self.features.module(pl_module)  # a submodule name that does not exist fails now, not at the task's end
         self.old.materialize(pl_module)
-        self._set_memory(pl_module.device)
+        if self.class_means is not None:
+            self.class_means = self.class_means.to(pl_module.device)
         super().on_fit_start(trainer, pl_module)
 
-    def wrap_training_step(self, trainer: Trainer, pl_module: LightningModule, batch: Any, step: StepFn) -> STEP_OUTPUT:
-        split_batch(batch)  # a batch without labels fails at the first step, with the fix in the message
-        if not self._memory:
-            return step(batch)
-        k = self.replay_batch_size or max(1, round(self.ratio * batch_size_of(batch)))
-        extended = concat_batches(batch, self._replay(batch, k, trainer.global_rank, trainer.world_size))
-        if self.old.module is None or self.alpha == 0:
-            return step(extended)
-        size = batch_size_of(extended)
-        with self.capture.recording(pl_module, batch_size=size) as record:
-            output = step(extended)
-        old_logits = self.old.logits(trainer, split_inputs(extended), size, self.capture.name_in(pl_module))
-        columns = self._old_columns
-        term = self.alpha * distillation_loss(record.logits[:, columns], old_logits[:, columns], self.temperature)
-        return add_to_loss(output, term)
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        _check_class_labels(interface_of(pl_module, self.model_interface), batch)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def wrap_training_step(self, trainer: Trainer, pl_module: LightningModule, batch: Any, step: Step) -> STEP_OUTPUT:
+        extended = batch
+        if len(self.buffer):
+            k = self.replay_batch_size or max(1, round(self.ratio * batch_size_of(batch)))
+            extended = self.concat(batch, self.replay(batch, k)[0])
+        output = step(extended)
+        if output is None or self.old.module is None or self.alpha == 0:
+            return output
+        new_logits = step.logits_for(extended)
+        old_logits = self.old.logits(trainer, extended, interface_of(pl_module, self.model_interface))
+        (columns,) = _column_groups((tuple(self.classes),), False, old_logits.shape[-1], old_logits.device)
+        new_logits = new_logits[:, : old_logits.shape[-1]]  # columns past the old model's: grown classes
+        term = distillation_loss(new_logits[:, columns], old_logits[:, columns], self.temperature)
+        return add_to_loss(output, self.alpha * term)
 
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with torch.no_grad(), trainer.precision_plugin.forward_context():
-                self._update_exemplars(trainer, pl_module)
-                self.class_means = torch.stack(
-                    [
-                        F.normalize(self._features(pl_module, rows[self._input_leaf]).mean(dim=0), dim=0)
-                        for rows in self.exemplars
-                    ]
-                )
-        finally:
-            pl_module.train(was_training)
-        self._set_memory(pl_module.device)
+        # replaces the replay methods' task-end fill: the buffer is refilled with herding's choice
+        memory = ReplayBuffer.pooled(super().state_dict()["shards"], self.buffer_size, self.seed)
+        memory.to(pl_module.device)  # every rank's exemplars: herding needs them all
+        loader = _whole_task_loader(trainer)
+        with private_pass(pl_module), torch.no_grad(), trainer.precision_plugin.forward_context():
+            self._herd(trainer, pl_module, memory, loader)
         self.old.keep(pl_module)
 
     # ------------------------------------------------------------------ nearest mean of exemplars
@@ -203,9 +226,9 @@ class ICaRL(ContinualCallback):
         end. Before the first task ends (no exemplars yet) the scores are the model's logits. Call it in eval
         mode, like any prediction; :class:`~lightning_incremental.ContinualEvaluation` does.
         """
-        inputs = split_inputs(batch)
-        with torch.no_grad(), self.features.recording(pl_module, batch_size=batch_size_of(inputs)) as record:
-            logits = pl_module(inputs)
+        interface = interface_of(pl_module, self.model_interface)
+        with torch.no_grad(), self.features.recording(pl_module, batch_size=batch_size_of(batch)) as record:
+            logits = interface.predict(pl_module, batch)
         if self.class_means is None:
             return logits
         features = F.normalize(record.features.flatten(1).float(), dim=1)
@@ -216,100 +239,138 @@ class ICaRL(ContinualCallback):
         return scores
 
     # ------------------------------------------------------------------ exemplars
-    def _update_exemplars(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Herd the finished task's classes, shrink the others to their herding prefix."""
-        loader = _whole_task_loader(trainer)
-        features, labels = [], []
+    def _herd(self, trainer: Trainer, pl_module: LightningModule, memory: ReplayBuffer, loader: DataLoader) -> None:
+        """Herd the finished task's classes, keep the herding prefix of the others, refill the buffer, and
+        recompute the class means."""
+        interface = interface_of(pl_module, self.model_interface)
+        like, task_features, task_labels = None, [], []
         for batch in loader:  # pass 1: the features and labels of every row of the task
             batch = move_data_to_device(batch, pl_module.device)
-            self._locate_leaves(batch)
-            inputs, targets = split_batch(batch)
-            features.append(self._features(pl_module, inputs))
-            labels.append(targets.reshape(-1).long())
-        all_features, all_labels = torch.cat(features), torch.cat(labels)
-        task_classes = sorted(set(all_labels.tolist()))
-        kept = dict(zip(self.classes, self.exemplars, strict=True))
-        per_class = self.buffer_size // len(set(kept) | set(task_classes))
+            like = batch if like is None else like
+            task_features.append(self._features(pl_module, interface, batch))
+            task_labels.append(interface.targets(batch).reshape(-1))
+        features, labels = torch.cat(task_features), torch.cat(task_labels).cpu()
+        chunks = torch.arange(len(memory)).split(loader.batch_size or 1) if len(memory) else ()
+        memory_features = torch.cat(  # every exemplar's features under the final model, by slot
+            [
+                features[:0],
+                *(self._features(pl_module, interface, with_leaves(like, _rows_at(memory, s))) for s in chunks),
+            ]
+        )
+        classes = sorted(set(labels.tolist()) | set(self.classes))
+        per_class = self.buffer_size // len(classes)
         if per_class < 1:
             raise ValueError(
-                f"`buffer_size={self.buffer_size}` leaves no exemplar for {len(set(kept) | set(task_classes))} "
-                "classes: use a buffer_size of at least the number of classes."
+                f"`buffer_size={self.buffer_size}` leaves no exemplar for {len(classes)} classes: use a buffer_size "
+                "of at least the number of classes."
             )
-        choices: dict[int, tuple[Tensor, Tensor]] = {}  # per class: its herding order, which picks are task rows
-        task_rows = []  # the positions in the task of the rows herding picked, class after class
-        for c in task_classes:
-            candidates = (all_labels == c).nonzero().flatten()
-            class_features = all_features[candidates]
-            n_old = len(kept[c][0]) if c in kept else 0
-            if n_old:  # a class seen before: herd over its exemplars and its new rows together
-                class_features = torch.cat([self._features(pl_module, kept[c][self._input_leaf]), class_features])
-            order = herding(class_features, per_class)
-            from_task = order >= n_old
-            choices[c] = (order, from_task)
-            task_rows.append(candidates[order[from_task] - n_old])
-        picked = _rows_at(loader, pl_module.device, torch.cat(task_rows))  # pass 2: the rows themselves
-        start = 0
-        for c, (order, from_task) in choices.items():
-            new = [leaf[start : start + int(from_task.sum())] for leaf in picked]
-            start += int(from_task.sum())
-            if c in kept:  # interleave the kept exemplars and the new rows in herding order
-                merged = [leaf.new_empty((len(order), *leaf.shape[1:])) for leaf in kept[c]]
-                for out, old_leaf, new_leaf in zip(merged, kept[c], new, strict=True):
-                    out[from_task], out[~from_task] = new_leaf, old_leaf[order[~from_task]]
-                new = merged
-            kept[c] = new
-        self.classes = sorted(kept)
-        self.exemplars = [[leaf[:per_class].clone() for leaf in kept[c]] for c in self.classes]
+        kept: list[tuple[Tensor, Tensor]] = []  # (memory slots, herding positions) of the exemplars that stay
+        picked: list[tuple[Tensor, Tensor]] = []  # (task rows, herding positions) of the new exemplars
+        means = []
+        for c in classes:
+            slots = _class_slots(memory, c)
+            rows = (labels == c).nonzero().flatten()
+            candidates = torch.cat([memory_features[slots], features[rows.to(features.device)]])
+            order = herding(candidates, per_class).cpu() if len(rows) else torch.arange(min(per_class, len(slots)))
+            positions = torch.arange(len(order))
+            old = order < len(slots)
+            kept.append((slots[order[old]], positions[old]))
+            picked.append((rows[order[~old] - len(slots)], positions[~old]))
+            means.append(F.normalize(candidates[order.to(candidates.device)].mean(dim=0), dim=0))
+        self.classes, self.class_means = classes, torch.stack(means)
+        self._refill(trainer, pl_module.device, memory, loader, like, kept, picked)
 
-    def _features(self, pl_module: LightningModule, inputs: Any) -> Tensor:
-        """The L2-normalised features of ``inputs`` (the input of the feature module), in fp32."""
-        with self.features.recording(pl_module, batch_size=batch_size_of(inputs)) as record:
-            pl_module(inputs)
+    def _refill(
+        self,
+        trainer: Trainer,
+        device: torch.device,
+        memory: ReplayBuffer,
+        loader: DataLoader,
+        like: Any,
+        kept: list[tuple[Tensor, Tensor]],
+        picked: list[tuple[Tensor, Tensor]],
+    ) -> None:
+        """A new global buffer of the kept and the newly picked exemplars, each with its herding position; each
+        rank keeps its share, and the sampler's generator goes on where it was."""
+        generator = self.buffer.generator.get_state()
+        self.buffer = ReplayBuffer(self.buffer_size, "class_balanced", self.seed)
+        slots, positions = (torch.cat(parts) for parts in zip(*kept, strict=True))
+        if len(slots):
+            self.insert(with_leaves(like, _rows_at(memory, slots)), {"position": positions.to(device)})
+        rows, positions = (torch.cat(parts) for parts in zip(*picked, strict=True))
+        offset = 0
+        for batch in loader:  # pass 2: the picked rows themselves
+            n = batch_size_of(batch)
+            hit = ((rows >= offset) & (rows < offset + n)).nonzero().flatten()
+            if len(hit):
+                batch = index_batch(move_data_to_device(batch, device), rows[hit] - offset)
+                self.insert(batch, {"position": positions[hit].to(device)})
+            offset += n
+        if trainer.world_size > 1:
+            self.buffer = self.buffer.share(trainer.global_rank, trainer.world_size, self.seed)
+        self.buffer.generator.set_state(generator)
+
+    def _features(self, pl_module: LightningModule, interface: ModelInterface, batch: Any) -> Tensor:
+        """The L2-normalised features of ``batch``'s rows (the input of the feature module), in fp32."""
+        with self.features.recording(pl_module, batch_size=batch_size_of(batch)) as record:
+            interface.forward(pl_module, batch)
         return F.normalize(record.features.flatten(1).float(), dim=1)
 
-    def _locate_leaves(self, batch: Any) -> None:
-        inputs, targets = split_batch(batch)
-        leaves = batch_leaves(batch)
-        self._input_leaf = next(i for i, leaf in enumerate(leaves) if leaf is inputs)
-        self._target_leaf = next(i for i, leaf in enumerate(leaves) if leaf is targets)
-
-    def _set_memory(self, device: torch.device) -> None:
-        self.exemplars = [[leaf.to(device) for leaf in rows] for rows in self.exemplars]
-        self._memory = [torch.cat(leaves) for leaves in zip(*self.exemplars, strict=True)] if self.exemplars else []
-        self._old_columns = torch.tensor(self.classes, dtype=torch.long, device=device)
-
-    def _replay(self, like: Any, k: int, rank: int, world_size: int) -> Any:
-        """``k`` exemplars drawn with replacement, as a batch of the same structure as ``like``.
-
-        Every rank draws the same ``k * world_size`` indices and keeps its own slice of them: the ranks replay
-        different exemplars and their generators stay identical.
-        """
-        drawn = torch.randint(len(self._memory[0]), (k * world_size,), generator=self.generator)
-        index = drawn[rank::world_size].to(self._memory[0].device, non_blocking=True)
-        return with_leaves(like, [leaf.index_select(0, index) for leaf in self._memory])
-
     # ------------------------------------------------------------------ state
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),
             "classes": list(self.classes),
-            "exemplars": [[leaf.cpu() for leaf in rows] for rows in self.exemplars],
             "class_means": None if self.class_means is None else self.class_means.cpu(),
-            "input_leaf": self._input_leaf,
-            "target_leaf": self._target_leaf,
             "old_model": self.old.state_dict(),
-            "generator": self.generator.get_state(),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.classes = [int(c) for c in state_dict["classes"]]
-        self.exemplars = [list(rows) for rows in state_dict["exemplars"]]
         self.class_means = state_dict["class_means"]
-        self._input_leaf, self._target_leaf = int(state_dict["input_leaf"]), int(state_dict["target_leaf"])
         self.old.load_state_dict(state_dict["old_model"])
-        self.generator.set_state(state_dict["generator"])
-        self._set_memory(self.exemplars[0][0].device if self.exemplars else torch.device("cpu"))
+
+
+def _check_class_labels(interface: ModelInterface, batch: Any) -> None:
+    """Refuse a batch without one integer class label per row, with the fix."""
+    try:
+        targets = interface.targets(batch)
+    except (KeyError, ValueError) as error:
+        raise ValueError(
+            f"ICaRL keeps exemplars per class and needs the class label of every row. {error.args[0]}"
+        ) from error
+    if not _are_class_labels(targets):
+        kind = "real-valued or multi-hot" if targets.is_floating_point() else "several labels per row"
+        raise ValueError(
+            f"ICaRL needs one integer class label per row (it keeps exemplars per class and classifies by the "
+            f"nearest class mean), but the targets are {targets.dtype} of shape {list(targets.shape)} ({kind}: "
+            "regression, multi-label or token-level targets). For such targets use ExperienceReplay or DER, which "
+            "serve any target, with LwF for distillation. If these are class indices stored as floats, return them "
+            "as integers from the dataset (`y.long()`); if the class labels are another entry of the batch, name "
+            "it with `model_interface=ModelInterface(target_key=...)`."
+        )
+
+
+def _class_slots(buffer: ReplayBuffer, c: int) -> Tensor:
+    """The slots of ``buffer`` that hold class ``c``, in herding order."""
+    slots = (buffer.groups[: len(buffer)] == c).nonzero().flatten()
+    if not len(slots):
+        return slots
+    return slots[buffer.extras["position"][: len(buffer)].cpu()[slots].argsort()]
+
+
+def _rows_at(buffer: ReplayBuffer, slots: Tensor) -> list[Tensor]:
+    """The stored rows in ``slots`` (one tensor per batch leaf), a sequence leaf cut to the longest of them."""
+    index = slots.to(buffer.storage[0].device) if buffer.storage else slots
+    rows = []
+    for store, lengths in zip(buffer.storage, buffer.lengths, strict=True):
+        if lengths is not None:
+            store = store[:, : int(lengths[slots].max()) if len(slots) else 0]
+        rows.append(store.index_select(0, index))
+    return rows
 
 
 def _whole_task_loader(trainer: Trainer) -> DataLoader:
@@ -325,22 +386,3 @@ def _whole_task_loader(trainer: Trainer) -> DataLoader:
     return DataLoader(
         loader.dataset, batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn, num_workers=0, shuffle=False
     )
-
-
-def _rows_at(loader: DataLoader, device: torch.device, positions: Tensor) -> list[Tensor]:
-    """The batch leaves of the rows at ``positions`` of ``loader``'s data, in the order of ``positions``."""
-    positions = positions.cpu()
-    rows: list[Tensor] = []
-    offset = 0
-    for batch in loader:
-        leaves = batch_leaves(move_data_to_device(batch, device))
-        if not rows:
-            rows = [leaf.new_empty((len(positions), *leaf.shape[1:])) for leaf in leaves]
-        n = len(leaves[0])
-        hit = ((positions >= offset) & (positions < offset + n)).nonzero().flatten()
-        if len(hit):
-            local, hit = (positions[hit] - offset).to(device), hit.to(device)
-            for store, leaf in zip(rows, leaves, strict=True):
-                store[hit] = leaf[local]
-        offset += n
-    return rows
