@@ -1,28 +1,36 @@
-"""The sweep that chose LwF's defaults (DESIGN.md §6 protocol).
+"""The sweep that chose LwF's defaults, with the optimizer's state carried across tasks (reference protocol).
 
-    python benchmarks/sweep_lwf.py [--seeds 2] [--first-seed 0] [--scenarios permuted split-task]
+    python benchmarks/sweep_lwf.py [--seeds 3] [--first-seed 0] [--scenarios permuted split-task split]
 
-For every ``alpha`` and ``temperature`` it prints the final average accuracy (mean and std over the seeds)
-and the forgetting, next to naive fine-tuning in the same run, on the domain-incremental permuted stream and
-the task-incremental split (one head per task).
+Every LwF setting runs with ``KeepOptimizerState()`` (Adam's moments and step count carried from task to
+task): ``alpha`` in 0.1, 0.25, 0.5, 1, 2 and ``temperature`` in 1, 2, 4. Beside them, in the same run: naive
+fine-tuning without and with the state carried, and LwF at ``alpha=1, temperature=2`` without it. For every
+setting it prints the final average accuracy (mean and std over the seeds) and the forgetting, on the
+domain-incremental permuted stream, the task-incremental split (one head per task) and the class-incremental
+split.
 """
 
-from harness import Grid, sweep_main
+from harness import Grid, setup_threads, sweep_main
 
 from lightning_incremental.methods.distillation import LwF
+from lightning_incremental.optimizer_state import KeepOptimizerState
 
 GRID: Grid = {
-    "naive": [("-", lambda: [])],
+    "naive": [("-", lambda: []), ("keep state", lambda: [KeepOptimizerState()])],
     "lwf": [
-        (f"alpha {a:g} T {t:g}", lambda a=a, t=t: [LwF(alpha=a, temperature=t)])
-        for a in (0.1, 0.25, 0.5, 1, 3)
-        for t in (2,)
+        ("alpha 1 T 2", lambda: [LwF(alpha=1.0, temperature=2.0)]),
+        *(
+            (f"alpha {a:g} T {t:g} keep state", lambda a=a, t=t: [LwF(alpha=a, temperature=t), KeepOptimizerState()])
+            for a in (0.1, 0.25, 0.5, 1, 2)
+            for t in (1, 2, 4)
+        ),
     ],
 }
 
 
 def main() -> None:
-    sweep_main(__doc__, GRID, ["permuted", "split-task"], seeds=2)
+    setup_threads()
+    sweep_main(__doc__, GRID, ["permuted", "split-task", "split"], seeds=3)
 
 
 if __name__ == "__main__":

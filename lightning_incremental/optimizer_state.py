@@ -87,6 +87,12 @@ class KeepOptimizerState(ContinualCallback):
         schedulers: also carry every LR scheduler's state and the learning rates of the optimizers'
             parameter groups (the schedule continues across tasks).
 
+    Attributes:
+        optimizers: the carried state, one entry per optimizer: its class, ``"params"`` (parameter name ->
+            its shape and optimizer state; while a task trains, only the parameters its optimizer does not
+            hold) and ``"lrs"`` (its parameter groups' learning rates).
+        lr_schedulers: with ``schedulers=True``, every LR scheduler's class and state at the last task end.
+
     Raises at the start of a task, with the fix, when the optimizers do not fit the carried state: a different
     number of optimizers or schedulers, a different class, a parameter whose shape changed other than by
     growing, a parameter of an optimizer that is not a parameter of the LightningModule. :meth:`reset` drops
@@ -144,42 +150,6 @@ class KeepOptimizerState(ContinualCallback):
             self._task_in_progress = False  # refused: the fit after the fix starts this task, it resumes nothing
             raise
 
-    def _carry_into(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Load the carried state into this task's optimizers (and LR schedulers), after checking they fit it."""
-        names = _parameter_names(trainer, pl_module)
-        if not self.optimizers:
-            return
-        optimizers = trainer.optimizers
-        if len(optimizers) != len(self.optimizers):
-            raise ValueError(
-                f"KeepOptimizerState carries the state of {len(self.optimizers)} optimizer(s) from the last task, "
-                f"but configure_optimizers returned {len(optimizers)} now. Optimizers are matched by position: "
-                "return the same optimizers in the same order in every task, or call `reset()` on the callback "
-                "before this fit to start them fresh."
-            )
-        for position, (optimizer, carried) in enumerate(zip(optimizers, self.optimizers, strict=True)):
-            if _type_name(optimizer) != carried["type"]:
-                raise ValueError(
-                    f"Optimizer {position} is {_type_name(optimizer)} in this task but was {carried['type']} at the "
-                    "end of the last one; their states do not carry over. Configure the same optimizer class in "
-                    "every task, or call `reset()` on KeepOptimizerState before this fit to start it fresh."
-                )
-        restored = [
-            self._restored_state(optimizer, carried, identities, names)
-            for optimizer, carried, identities in zip(optimizers, self.optimizers, self._identities, strict=True)
-        ]
-        if self.schedulers and self.lr_schedulers is not None:
-            self._check_schedulers(trainer)
-        for optimizer, (state, taken), carried, identities in zip(
-            optimizers, restored, self.optimizers, self._identities, strict=True
-        ):
-            optimizer.load_state_dict(state)
-            for name in taken:  # the optimizer owns this state now; it comes back at the task's end
-                carried["params"].pop(name)
-                identities.pop(name, None)
-        if self.schedulers and self.lr_schedulers is not None:
-            self._restore_schedulers(trainer)
-
     @override
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         names = _parameter_names(trainer, pl_module)
@@ -188,7 +158,7 @@ class KeepOptimizerState(ContinualCallback):
             kept = self.optimizers[position] if position < len(self.optimizers) else None
             same_class = kept is not None and kept["type"] == _type_name(optimizer)
             params = dict(kept["params"]) if same_class else {}  # parameters this optimizer did not train
-            refs = dict(self._identities[position]) if same_class and position < len(self._identities) else {}
+            refs = dict(self._identities[position]) if same_class else {}
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     state = optimizer.state.get(p)
@@ -226,6 +196,42 @@ class KeepOptimizerState(ContinualCallback):
         return {**self.__dict__, "_identities": [{} for _ in self._identities]}
 
     # ------------------------------------------------------------------ helpers
+    def _carry_into(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Load the carried state into this task's optimizers (and LR schedulers), after checking they fit it."""
+        names = _parameter_names(trainer, pl_module)
+        if not self.optimizers:
+            return
+        optimizers = trainer.optimizers
+        if len(optimizers) != len(self.optimizers):
+            raise ValueError(
+                f"KeepOptimizerState carries the state of {len(self.optimizers)} optimizer(s) from the last task, "
+                f"but configure_optimizers returned {len(optimizers)} now. Optimizers are matched by position: "
+                "return the same optimizers in the same order in every task, or call `reset()` on the callback "
+                "before this fit to start them fresh."
+            )
+        for position, (optimizer, carried) in enumerate(zip(optimizers, self.optimizers, strict=True)):
+            if _type_name(optimizer) != carried["type"]:
+                raise ValueError(
+                    f"Optimizer {position} is {_type_name(optimizer)} in this task but was {carried['type']} at the "
+                    "end of the last one; their states do not carry over. Configure the same optimizer class in "
+                    "every task, or call `reset()` on KeepOptimizerState before this fit to start it fresh."
+                )
+        restored = [
+            self._restored_state(optimizer, carried, identities, names)
+            for optimizer, carried, identities in zip(optimizers, self.optimizers, self._identities, strict=True)
+        ]
+        if self.schedulers and self.lr_schedulers is not None:
+            self._check_schedulers(trainer)
+        for optimizer, (state, taken), carried, identities in zip(
+            optimizers, restored, self.optimizers, self._identities, strict=True
+        ):
+            optimizer.load_state_dict(state)
+            for name in taken:  # the optimizer owns this state now; it comes back at the task's end
+                carried["params"].pop(name)
+                identities.pop(name, None)
+        if self.schedulers and self.lr_schedulers is not None:
+            self._restore_schedulers(trainer)
+
     def _restored_state(
         self,
         optimizer: torch.optim.Optimizer,

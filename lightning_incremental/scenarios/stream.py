@@ -10,8 +10,8 @@ dataset has it (torchvision's datasets, :class:`LabeledTensorDataset`), else by 
 """
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
@@ -145,10 +145,6 @@ class TaskStream(Sequence[Task]):
     scenario: Scenario
     num_classes: int
     name: str = "stream"
-    _tasks_by_index: dict[int, Task] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._tasks_by_index = {task.index: task for task in self.tasks}
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -156,7 +152,16 @@ class TaskStream(Sequence[Task]):
     def __iter__(self) -> Iterator[Task]:
         return iter(self.tasks)
 
-    def __getitem__(self, index: int) -> Task:  # type: ignore[override]
+    @overload
+    def __getitem__(self, index: int) -> Task: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> "TaskStream": ...
+
+    def __getitem__(self, index: int | slice) -> "Task | TaskStream":
+        """A task, or for a slice the stream of those tasks (``stream[:2]``: the first two)."""
+        if isinstance(index, slice):
+            return TaskStream(self.tasks[index], self.scenario, self.num_classes, name=self.name)
         return self.tasks[index]
 
     @property
