@@ -192,7 +192,8 @@ class ContinualEvaluation(ContinualCallback):
     Args:
         stream: the stream whose test sets are evaluated.
         metric: a torchmetrics ``Metric`` or ``MetricCollection``; defaults to micro accuracy over
-            ``stream.num_classes`` classes. A metric whose ``higher_is_better`` is ``None`` needs it set.
+            ``stream.num_classes`` classes. A metric whose ``higher_is_better`` is ``None`` (an aggregate such as
+            ``MeanMetric``) needs a subclass that sets it.
         primary: the name of the metric of a collection that drives the summary; defaults to the collection's
             first (torchmetrics sorts the names of a collection built from a dict).
         task_incremental: mask the logits to each task's classes (task-incremental evaluation). Defaults to
@@ -433,8 +434,8 @@ def _directions(collection: MetricCollection) -> dict[str, bool]:
         if metric.higher_is_better is None:
             raise ValueError(
                 f"The metric {name!r} ({type(metric).__name__}) does not say whether higher is better (its "
-                "`higher_is_better` is None), which BWT and forgetting need. Set it on the instance before passing "
-                "it: `metric.higher_is_better = True` (or False)."
+                "`higher_is_better` is None), which BWT and forgetting need. Give it a direction in a subclass, e.g. "
+                f"`class MyMetric({type(metric).__name__}): higher_is_better = False`."
             )
         directions[str(name)] = bool(metric.higher_is_better)
     return directions

@@ -3,6 +3,7 @@ statistics of the policies, checkpoints bit for bit, one global buffer over DDP 
 
 import io
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -285,3 +286,219 @@ def test_a_balanced_policy_on_unlabelled_batches_says_it_needs_labels(split_stre
 
     with pytest.raises(ValueError, match=r"ExperienceReplay\(policy='class_balanced'\).*needs the targets"):
         trainer(1, [ExperienceReplay(policy="class_balanced")]).fit(_Unsupervised(16, 6, hidden=(8,)), unlabelled)
+
+
+# ---------------------------------------------------------------------------------------------- any model, any target
+PAD_ID = 1
+
+
+class _TinyTextModel(L.LightningModule):
+    """A Hugging Face-style model: ``model(**inputs)`` returns ``.logits`` and ``.loss``; a sequence classifier over
+    the mean of its tokens' embeddings, or a token classifier. Records every batch its training_step receives."""
+
+    def __init__(self, token_level: bool = False, vocab: int = 64, classes: int = 6) -> None:
+        super().__init__()
+        self.token_level = token_level
+        self.embed, self.head = torch.nn.Embedding(vocab, 16), torch.nn.Linear(16, classes)
+        self.batches: list[dict[str, torch.Tensor]] = []
+
+    def forward(self, input_ids, attention_mask, labels):
+        hidden = self.embed(input_ids)
+        if self.token_level:
+            logits = self.head(hidden)
+            return SimpleNamespace(logits=logits, loss=F.cross_entropy(logits.flatten(0, 1), labels.flatten()))
+        mask = attention_mask.unsqueeze(-1).float()
+        logits = self.head((hidden * mask).sum(1) / mask.sum(1))
+        return SimpleNamespace(logits=logits, loss=F.cross_entropy(logits, labels))
+
+    def training_step(self, batch, batch_idx):
+        self.batches.append({key: value.clone() for key, value in batch.items()})
+        return self(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def _text_tasks(token_level: bool, n_tasks: int = 3, rows: int = 24) -> list[list[tuple[list[int], int]]]:
+    """Tasks of two classes each; a row of class ``c`` is 2 to 9 tokens from ``10 c + 2 ... 10 c + 11``."""
+    generator = torch.Generator().manual_seed(0)
+    tasks = []
+    for task in range(n_tasks):
+        items = []
+        for row in range(rows):
+            label = 2 * task + row % 2
+            length = int(torch.randint(2, 10, (1,), generator=generator))
+            items.append(((torch.randint(0, 10, (length,), generator=generator) + 10 * label + 2).tolist(), label))
+        tasks.append(items)
+    return tasks
+
+
+def _text_loader(items, token_level: bool, batch_size: int = 8) -> torch.utils.data.DataLoader:
+    def collate(rows):
+        longest = max(len(tokens) for tokens, _ in rows)
+        ids = torch.full((len(rows), longest), PAD_ID)
+        mask = torch.zeros(len(rows), longest, dtype=torch.long)
+        labels = torch.full((len(rows), longest), -100) if token_level else torch.tensor([y for _, y in rows])
+        for i, (tokens, label) in enumerate(rows):
+            ids[i, : len(tokens)], mask[i, : len(tokens)] = torch.tensor(tokens), 1
+            if token_level:
+                labels[i, : len(tokens)] = label
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return torch.utils.data.DataLoader(items, batch_size=batch_size, collate_fn=collate)
+
+
+def _assert_rows_are_dataset_rows_padded_per_key(batches, tasks, token_level: bool) -> None:
+    """Every row the model saw is a row of the data, exactly, followed by the right padding for each key."""
+    labels_of = {tuple(tokens): label for items in tasks for tokens, label in items}
+    for batch in batches:
+        lengths = batch["attention_mask"].sum(1)
+        padding = batch["attention_mask"] == 0
+        assert set(batch["input_ids"][padding].tolist()) <= {PAD_ID}
+        for i, length in enumerate(lengths.tolist()):
+            assert batch["attention_mask"][i, :length].tolist() == [1] * length  # real tokens, then padding
+            label = labels_of[tuple(batch["input_ids"][i, :length].tolist())]
+            if token_level:
+                assert batch["labels"][i, :length].tolist() == [label] * length
+                assert set(batch["labels"][i, length:].tolist()) <= {-100}
+            else:
+                assert int(batch["labels"][i]) == label
+
+
+@pytest.mark.parametrize("fill", ["stream", "task_end"])
+@pytest.mark.parametrize("token_level", [False, True])
+def test_experience_replay_replays_variable_length_dict_batches_to_a_model_called_with_keywords(token_level, fill):
+    L.seed_everything(0, verbose=False)
+    tasks, model = _text_tasks(token_level), _TinyTextModel(token_level)
+    replay = ExperienceReplay(buffer_size=12, ratio=1.0, fill=fill)
+    for items in tasks:
+        trainer(1, [replay]).fit(model, _text_loader(items, token_level))
+    # class labels balance the buffer; token labels are no class of a row: the reservoir serves them
+    assert replay.buffer.policy == ("reservoir" if token_level else "class_balanced")
+    sizes = [len(batch["labels"]) for batch in model.batches]
+    assert sizes == ([8] + [16] * 8 if fill == "stream" else [8] * 3 + [16] * 6)
+    lengths = [batch["input_ids"].shape[1] for batch in model.batches]
+    assert len(set(lengths)) > 2  # the stream's batches differ in length; the replayed rows are padded to fit them
+    _assert_rows_are_dataset_rows_padded_per_key(model.batches, tasks, token_level)
+    stored = replay.buffer.storage[0][: len(replay.buffer)]
+    first_tokens = ((stored[:, 0] - 2) // 10).tolist()  # the class of each stored row
+    if not token_level:
+        assert torch.bincount(torch.tensor(first_tokens), minlength=6).tolist() == [2] * 6
+
+
+def test_a_checkpoint_restores_a_buffer_of_sequence_rows_bit_for_bit(tmp_path):
+    tasks, model = _text_tasks(token_level=True), _TinyTextModel(token_level=True)
+    replay = ExperienceReplay(buffer_size=10, fill="stream")
+    for items in tasks[:2]:
+        fit = trainer(1, [replay])
+        fit.fit(model, _text_loader(items, token_level=True))
+    assert replay.buffer.lengths[0] is not None  # rows of different lengths are held
+    fit.save_checkpoint(tmp_path / "task1.ckpt")
+    restored = ExperienceReplay(buffer_size=10, fill="stream")
+    load_task_checkpoint(tmp_path / "task1.ckpt", _TinyTextModel(token_level=True), [restored])
+    assert_same_state(restored.state_dict(), replay.state_dict())
+    assert restored.buffer.policy == "reservoir" and restored.buffer.pad_values == [PAD_ID, 0, -100]
+    assert_same_state(tuple(restored.buffer.sample(10)), tuple(replay.buffer.sample(10)))
+
+
+class _Regressor(L.LightningModule):
+    """The documents' regression model: 10 -> 20 -> 1, MSE, Adam."""
+
+    def __init__(self, target_shape: str = "[B]") -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.ReLU(), torch.nn.Linear(20, 1))
+        self.target_shape = target_shape
+
+    def forward(self, x):
+        out = self.net(x)
+        return out.squeeze(-1) if self.target_shape == "[B]" else out
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def _regression_tasks(target_shape: str, n_tasks: int = 3, rows: int = 64) -> list[torch.utils.data.TensorDataset]:
+    """One target function; each task's inputs around a different centre (the issue's drifting stream)."""
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(10, generator=generator)
+    tasks = []
+    for task in range(n_tasks):
+        x = torch.randn(rows, 10, generator=generator) + 2.0 * (task - 1)
+        y = torch.sin(x @ weights / 3)
+        tasks.append(torch.utils.data.TensorDataset(x, y if target_shape == "[B]" else y[:, None]))
+    return tasks
+
+
+@pytest.mark.parametrize("target_shape", ["[B]", "[B, 1]"])
+def test_experience_replay_defaults_serve_regression_targets_with_the_reservoir(target_shape):
+    tasks, mse = _regression_tasks(target_shape), {}
+    for name in ("naive", "replay"):
+        L.seed_everything(0, verbose=False)
+        model, callbacks = _Regressor(target_shape), [ExperienceReplay()] if name == "replay" else []
+        for task in tasks:
+            trainer(3, callbacks).fit(model, torch.utils.data.DataLoader(task, batch_size=16))
+        with torch.no_grad():
+            mse[name] = sum(float(F.mse_loss(model(t.tensors[0]), t.tensors[1])) for t in tasks) / len(tasks)
+        if name == "replay":
+            replay = callbacks[0]
+            assert replay.buffer.policy == "reservoir" and len(replay.buffer) == 192
+            assert replay.buffer.storage[1].dtype == torch.float32
+    assert mse["replay"] < 0.5 * mse["naive"], mse
+
+
+@pytest.mark.parametrize("kind", ["regression", "token labels"])
+def test_class_balanced_replay_refuses_targets_that_are_not_class_labels_at_the_first_step(kind):
+    if kind == "regression":
+        model, loader = _Regressor(), torch.utils.data.DataLoader(_regression_tasks("[B]")[0], batch_size=16)
+    else:
+        model, loader = _TinyTextModel(token_level=True), _text_loader(_text_tasks(True)[0], token_level=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    message = r"ExperienceReplay\(policy='class_balanced'\) needs one integer class label per row.*policy='reservoir'"
+    with pytest.raises(ValueError, match=message):
+        trainer(1, [ExperienceReplay(policy="class_balanced")]).fit(model, loader)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # before any update
+
+
+# ---------------------------------------------------------------------------------------------- the task-end pass
+def test_the_task_end_fill_restores_train_mode_when_it_fails(split_stream):
+    modes = []
+
+    class _Failing(ExperienceReplay):
+        def extras_at_task_end(self, pl_module, batch):
+            modes.append(pl_module.training)
+            raise RuntimeError("failed inside the task-end pass")
+
+    model = tiny_model(split_stream)
+    with pytest.raises(RuntimeError, match="inside the task-end pass"):
+        trainer(1, [_Failing(fill="task_end")]).fit(model, train_loader(split_stream[0]))
+    assert modes == [False] and model.training
+
+
+class _Order(L.Callback):
+    """Records the labels of every batch as the DataLoader yields it."""
+
+    def __init__(self) -> None:
+        self.labels: list[list[int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.labels.append(batch[1].tolist())
+
+
+@pytest.mark.parametrize("own_generator", [False, True])
+def test_the_task_end_fill_leaves_the_users_shuffles_as_they_were(own_generator, split_stream):
+    """The same shuffled DataLoader over two fits draws the same orders with and without the task-end pass."""
+    orders = {}
+    for name in ("naive", "replay"):
+        L.seed_everything(0, verbose=False)
+        generator = torch.Generator().manual_seed(1) if own_generator else None
+        loader = torch.utils.data.DataLoader(split_stream[0].train, batch_size=8, shuffle=True, generator=generator)
+        order, model = _Order(), tiny_model(split_stream)
+        callbacks = [ExperienceReplay(buffer_size=10, fill="task_end")] if name == "replay" else []
+        for _ in range(2):
+            trainer(1, [*callbacks, order]).fit(model, loader)
+        orders[name] = order.labels
+    assert orders["replay"] == orders["naive"]

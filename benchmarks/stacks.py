@@ -1,0 +1,35 @@
+"""Common stacks of methods in one Trainer against their members alone (the reference protocol, 5 tasks).
+
+    python benchmarks/stacks.py --seeds 3 --scenarios split permuted
+
+Prints final average accuracy and forgetting per stack (mean over the seeds); RESULTS.md has the table. The
+callback order is the list's: the first method wraps the others (replay first: the inner methods also see the
+replayed rows).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from harness import Grid, setup_threads, sweep_main
+
+from lightning_incremental import DER, EWC, ExperienceReplay, LwF
+
+GRID: Grid = {
+    "stack": [
+        ("ER", lambda: [ExperienceReplay()]),
+        ("ER + LwF", lambda: [ExperienceReplay(), LwF()]),
+        ("LwF + ER", lambda: [LwF(), ExperienceReplay()]),
+        ("ER + EWC", lambda: [ExperienceReplay(), EWC()]),
+        ("ER + LwF + EWC", lambda: [ExperienceReplay(), LwF(), EWC()]),
+        ("LwF + ER + EWC", lambda: [LwF(), ExperienceReplay(), EWC()]),
+        ("DER++", lambda: [DER(alpha=0.3, beta=1.0)]),
+        ("DER++ + LwF", lambda: [DER(alpha=0.3, beta=1.0), LwF()]),
+        ("LwF + EWC", lambda: [LwF(), EWC()]),
+    ]
+}
+
+if __name__ == "__main__":
+    setup_threads()
+    sweep_main(__doc__, GRID, ["split", "permuted"], seeds=3)
