@@ -170,12 +170,13 @@ def sweep_main(doc: str, grid: Grid, scenarios: list[str], seeds: int) -> None:
     parser.add_argument("--first-seed", type=int, default=0, help="the seeds are first-seed … first-seed+seeds-1")
     parser.add_argument("--scenarios", nargs="+", default=scenarios, choices=["split", "split-task", "permuted"])
     parser.add_argument("--methods", nargs="+", default=list(grid), choices=list(grid))
+    parser.add_argument("--epochs", type=int, default=10, help="epochs per task (the reference protocol: 10)")
     args = parser.parse_args()
     seed_range = range(args.first_seed, args.first_seed + args.seeds)
-    sweep({name: grid[name] for name in args.methods}, args.scenarios, seed_range)
+    sweep({name: grid[name] for name in args.methods}, args.scenarios, seed_range, args.epochs)
 
 
-def sweep(grid: Grid, scenarios: list[str], seeds: range) -> None:
+def sweep(grid: Grid, scenarios: list[str], seeds: range, epochs: int = 10) -> None:
     """Print the final average accuracy and forgetting (means over ``seeds``) of every configuration.
 
     ``grid`` maps a method name to ``(setting, build)`` pairs; ``build()`` returns fresh callbacks. Each run is
@@ -187,7 +188,7 @@ def sweep(grid: Grid, scenarios: list[str], seeds: range) -> None:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # after lightning's import-time setup
     warnings.filterwarnings("ignore")
-    print(f"seeds {seeds.start} … {seeds.stop - 1}")
+    print(f"seeds {seeds.start} … {seeds.stop - 1}, {epochs} epochs per task")
     print(f"{'scenario':<9} {'method':<24} {'setting':<28} {'avg acc':>8} {'std':>6} {'forgetting':>11}")
     for scenario in scenarios:
         streams = {seed: make_stream(scenario, 5, seed) for seed in seeds}
@@ -196,7 +197,7 @@ def sweep(grid: Grid, scenarios: list[str], seeds: range) -> None:
                 accs, forgets = [], []
                 for seed, stream in streams.items():
                     spec = MethodSpec(method, "sweep", "", build)
-                    result, _ = run_method(spec, stream, seed=seed)
+                    result, _ = run_method(spec, stream, epochs=epochs, seed=seed)
                     accs.append(result.summary()["acc"])
                     forgets.append(result.summary()["forgetting"])
                 spread = statistics.stdev(accs) if len(accs) > 1 else 0.0

@@ -1,4 +1,5 @@
-"""The reference model of the benchmarks and the command line (``docs/architecture.md``): an MLP classifier."""
+"""The reference models of the benchmarks and the command line (``docs/architecture.md``): an MLP classifier, and
+the source documents' MLP regressor."""
 
 import itertools
 from collections.abc import Sequence
@@ -72,6 +73,35 @@ class MLPClassifier(LightningModule):
         if task_labels is not None and isinstance(self.head, MultiHeadClassifier):
             logits = self.head.mask(logits, task_labels)  # each row trains its own task's head
         loss = F.cross_entropy(logits, y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class MLPRegressor(LightningModule):
+    """The source documents' regression model: ``Linear(in, 20) -> ReLU -> Linear(20, 1)``, MSE and Adam.
+
+    A plain LightningModule like :class:`MLPClassifier`; the regression stream of the benchmarks and the
+    conformance suite trains it (:func:`~lightning_incremental.scenarios.regression_stream`).
+
+    >>> MLPRegressor(10)(torch.zeros(3, 10)).shape
+    torch.Size([3, 1])
+    """
+
+    def __init__(self, in_features: int = 10, hidden: int = 20, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.lr = lr
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch[0], batch[1]
+        loss = F.mse_loss(self(x).squeeze(-1), y.float())
         self.log("train_loss", loss, prog_bar=True)
         return loss
 

@@ -1,6 +1,6 @@
 """Task streams (scenarios) and the bundled data they are built from."""
 
-from lightning_incremental.scenarios.datasets import digits_stream, load_digits, synthetic_stream
+from lightning_incremental.scenarios.datasets import digits_stream, load_digits, regression_stream, synthetic_stream
 from lightning_incremental.scenarios.stream import (
     LabeledTensorDataset,
     Task,
@@ -19,6 +19,7 @@ __all__ = [
     "digits_stream",
     "load_digits",
     "permute_inputs",
+    "regression_stream",
     "split_classes",
     "synthetic_stream",
     "targets_of",

@@ -21,17 +21,22 @@ Scenario = Literal["class-incremental", "task-incremental", "domain-incremental"
 
 
 class LabeledTensorDataset(Dataset):
-    """Inputs and integer labels held as tensors; items are ``(x, y)`` and ``.targets`` is ``y``.
+    """Inputs and targets held as tensors; items are ``(x, y)`` and ``.targets`` is ``y``.
 
-    >>> data = LabeledTensorDataset(torch.zeros(3, 2), torch.tensor([0, 1, 1]))
-    >>> len(data), data.targets.tolist()
-    (3, [0, 1, 1])
+    Integer class labels are kept as int64; real-valued targets (regression) keep their floating dtype.
+
+    >>> data = LabeledTensorDataset(torch.zeros(3, 2), torch.tensor([0, 1, 1], dtype=torch.int32))
+    >>> len(data), data.targets.tolist(), data.targets.dtype
+    (3, [0, 1, 1], torch.int64)
+    >>> LabeledTensorDataset(torch.zeros(2, 2), torch.tensor([0.5, 1.5])).targets.dtype
+    torch.float32
     """
 
     def __init__(self, inputs: Tensor, targets: Tensor) -> None:
         if len(inputs) != len(targets):
             raise ValueError(f"`inputs` has {len(inputs)} rows but `targets` has {len(targets)}.")
-        self.inputs, self.targets = inputs, targets.long()
+        self.inputs = inputs
+        self.targets = targets if targets.is_floating_point() else targets.long()
 
     def __len__(self) -> int:
         return len(self.inputs)

@@ -144,7 +144,9 @@ class LoRA(ContinualCallback):
     **State.** The number of adapter sets is in ``state_dict``; the adapters are the model's parameters, in its
     own ``state_dict``. A fit resumed with ``ckpt_path`` finds everything. A new process that starts the next
     task with :func:`~lightning_incremental.load_task_checkpoint` calls :meth:`LoRA.inject` on the freshly
-    built model first, so the adapter keys exist when the weights load.
+    built model first, so the adapter keys exist when the weights load; so does a notebook under ``ddp_spawn`` /
+    ``ddp_fork`` before the first fit, as only the weights come back from the worker processes (Lightning loads
+    them non-strictly: without the call, the adapters would be dropped).
 
     Args:
         target_modules: name patterns of the linear layers to adapt.
@@ -267,7 +269,15 @@ class LoRA(ContinualCallback):
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        had_adapters = bool(_own_adapters(pl_module))
         self.inject(pl_module)  # on every stage, so a checkpoint of the adapted model loads
+        if self.adapter_sets and not had_adapters and _own_adapters(pl_module):
+            raise RuntimeError(
+                f"LoRA trained adapters in {self.tasks_completed} task(s), but {type(pl_module).__name__} has none: "
+                "it lost them. Under ddp_spawn / ddp_fork call `lora.inject(model)` in the main process before the "
+                "first fit, so the adapters trained in the workers load back into it; in a new process, call it "
+                "before loading the weights (load_task_checkpoint)."
+            )
         if stage != "fit":
             return
         if self.mode == "merge":
