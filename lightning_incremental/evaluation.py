@@ -21,6 +21,7 @@ from lightning_incremental import metrics
 from lightning_incremental.core import (
     ContinualCallback,
     ModelInterface,
+    _lightning,
     check_interface_argument,
     interface_of,
     private_pass,
@@ -202,7 +203,8 @@ class ContinualEvaluation(ContinualCallback):
         predict: ``predict(pl_module, batch) -> predictions``, replacing the model interface's predictions
             (iCaRL's nearest-mean-of-exemplars classifier: ``predict=icarl.predict``).
         model_interface: how to read the model's outputs and the targets; ``None``: the model's
-            ``continual_interface`` attribute, else the default.
+            ``continual_interface`` attribute, else the default. A model whose forward takes the task label of
+            ``(x, y, t)`` batches: ``ModelInterface(forward=lambda model, batch: model(batch[0], batch[2]))``.
         collate_fn: the collate function of the test loaders, for items torch's default cannot stack (token
             sequences of different lengths: :func:`lightning_incremental.text.pad_batch`).
         evaluate_initial: evaluate before the first task, for forward transfer. Without it, one test batch
@@ -319,14 +321,14 @@ class ContinualEvaluation(ContinualCallback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        if _logging_step(trainer) < self.log_step:  # a new Trainer: continue the axis of the earlier tasks
-            _continue_logging_step(trainer, self.log_step)
+        if _lightning.logging_step(trainer) < self.log_step:  # a new Trainer: continue the axis of the earlier tasks
+            _lightning.continue_logging_step(trainer, self.log_step)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for name, row in self.evaluate(trainer, pl_module).items():
             self.matrices[name].append(row)
-        self.log_step = max(self.log_step, _logging_step(trainer))
+        self.log_step = max(self.log_step, _lightning.logging_step(trainer))
         self._log(trainer)
         super().on_fit_end(trainer, pl_module)
 
@@ -470,15 +472,3 @@ def _scalar(computed: dict[str, Any], name: str, task: Task) -> float:
             "number per task: use a metric that averages to a scalar (e.g. `average='macro'`)."
         )
     return float(value)
-
-
-def _logging_step(trainer: Trainer) -> int:
-    """The step the Trainer logs at (``self.log``, LearningRateMonitor): ``fit_loop.epoch_loop._batches_that_stepped``,
-    the optimizer steps of this Trainer (restored with the loops from a checkpoint). Checked on Lightning 2.6.6."""
-    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
-
-
-def _continue_logging_step(trainer: Trainer, step: int) -> None:
-    """Make the Trainer log from ``step`` on: ``fit_loop.epoch_loop._batches_that_stepped``, which Lightning uses
-    for the step of its logs only."""
-    trainer.fit_loop.epoch_loop._batches_that_stepped = step

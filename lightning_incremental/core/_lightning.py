@@ -51,3 +51,14 @@ def has_nothing_left_to_train(trainer: Trainer) -> bool:
     epochs_reached = max_epochs is not None and max_epochs != -1 and loop.epoch_progress.current.processed >= max_epochs
     steps_reached = max_steps != -1 and loop.epoch_loop.global_step >= max_steps
     return epochs_reached or steps_reached
+
+
+def logging_step(trainer: Trainer) -> int:
+    """The step the Trainer logs at (``self.log``, LearningRateMonitor): ``fit_loop.epoch_loop._batches_that_stepped``,
+    this Trainer's optimizer steps (restored with the loops from a checkpoint)."""
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def continue_logging_step(trainer: Trainer, step: int) -> None:
+    """Make the Trainer log from ``step`` on; Lightning uses ``_batches_that_stepped`` for the step of its logs only."""
+    trainer.fit_loop.epoch_loop._batches_that_stepped = step
