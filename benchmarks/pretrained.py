@@ -60,14 +60,12 @@ FULL_LR, ADAPTER_LR, HEAD_LR = 5e-5, 1e-3, 1e-3
 @dataclass
 class Method:
     """A row of the table: ``build(encoder, num_classes)`` returns the model and the callbacks every task's Trainer
-    gets; ``epochs`` overrides ``--epochs`` (0 for a closed-form head); ``fitted(model)`` counts the parameters
-    fitted in closed form."""
+    gets; ``fitted(model)`` counts the entries a closed-form head fits (it replaces the trainable count)."""
 
     name: str
     family: str
     build: Callable[[nn.Module, int], tuple[TextClassifier, list[Callback]]]
     stored_samples: int = 0
-    epochs: int | None = None
     fitted: Callable[[TextClassifier], int] | None = None
     cheap: bool = False  # an adapter or closed-form method: its update should cost <= 1/(t+1) of retraining
 
@@ -108,14 +106,6 @@ def model_with(encoder: nn.Module, num_classes: int, lr: float) -> TextClassifie
     return TextClassifier(copy.deepcopy(encoder), num_classes, lr=lr, head_lr=HEAD_LR)
 
 
-def dict_forward(model: TextClassifier, batch: dict) -> torch.Tensor:
-    return model(batch["input_ids"], batch["attention_mask"])
-
-
-def dict_targets(batch: dict) -> torch.Tensor:
-    return batch["labels"]
-
-
 def lora() -> Callback:
     from lightning_incremental.methods.partial.lora import LoRA
 
@@ -124,6 +114,17 @@ def lora() -> Callback:
 
 def full(*extra: Callable[[], Callback]) -> Callable[[nn.Module, int], tuple[TextClassifier, list[Callback]]]:
     return lambda encoder, classes: (model_with(encoder, classes, FULL_LR), [make() for make in extra])
+
+
+def frozen(*extra: Callable[[], Callback]) -> Callable[[nn.Module, int], tuple[TextClassifier, list[Callback]]]:
+    """A frozen encoder: with nothing else to train, a closed-form head ends every fit before its first step."""
+
+    def build(encoder: nn.Module, classes: int) -> tuple[TextClassifier, list[Callback]]:
+        model = model_with(encoder, classes, FULL_LR)
+        model.encoder.requires_grad_(False)
+        return model, [make() for make in extra]
+
+    return build
 
 
 def adapters(*extra: Callable[[], Callback]) -> Callable[[nn.Module, int], tuple[TextClassifier, list[Callback]]]:
@@ -148,13 +149,13 @@ def ewc_fisher() -> Callback:
 def prototype_head() -> Callback:
     from lightning_incremental.methods.pretrained import PrototypeHead
 
-    return PrototypeHead(forward=dict_forward, targets=dict_targets)
+    return PrototypeHead()  # reads the Hugging Face-style batches through the default model interface
 
 
 def ranpac_head() -> Callback:
     from lightning_incremental.methods.pretrained import RanPACHead
 
-    return RanPACHead(projection_dim=2000, forward=dict_forward, targets=dict_targets)
+    return RanPACHead(projection_dim=2000)
 
 
 def replay() -> Callback:
@@ -190,8 +191,8 @@ def methods() -> dict[str, Method]:
         Method("lora+dare", merge, adapters(merging("dare", scale=0.5)), cheap=True),
         Method("lora+magmax", merge, adapters(merging("magmax")), cheap=True),
         Method("lora+fisher", merge, adapters(ewc_fisher, merging("fisher")), cheap=True),
-        Method("prototype", head, full(prototype_head), epochs=0, fitted=fitted("prototypes"), cheap=True),
-        Method("ranpac", head, full(ranpac_head), epochs=0, fitted=fitted("weight"), cheap=True),
+        Method("prototype", head, frozen(prototype_head), fitted=fitted("prototypes"), cheap=True),
+        Method("ranpac", head, frozen(ranpac_head), fitted=fitted("weight"), cheap=True),
         Method("lora+replay", replayed, adapters(replay), stored_samples=BUFFER),
         Method("lora+derpp", replayed, adapters(derpp), stored_samples=BUFFER),
     ]
@@ -240,15 +241,14 @@ def run_incremental(method: Method, stream: TaskStream, encoder: nn.Module, args
     counter = TrainableCount()
     run = Run(method)
     for task in stream:
-        epochs = args.epochs if method.epochs is None else method.epochs
-        fit_timed(model, [*callbacks, counter], task.train, epochs, run, args)
+        fit_timed(model, [*callbacks, counter], task.train, args.epochs, run, args)
         run.matrix.append(evaluate(model, stream, task.index, args.eval_batch_size))
         print(
             f"{method.name:<22} task {task.index}: update {run.update_seconds[-1]:7.1f} s, "
             f"acc on seen tasks {sum(run.matrix[-1][: task.index + 1]) / (task.index + 1):.3f}",
             flush=True,
         )
-    run.trainable = counter.count + (method.fitted(model) if method.fitted is not None else 0)
+    run.trainable = counter.count if method.fitted is None else method.fitted(model)
     return run
 
 

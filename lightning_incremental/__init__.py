@@ -10,7 +10,8 @@ from lightning_incremental.evaluation import ContinualEvaluation, ContinualResul
 from lightning_incremental.heads import GrowHeads, IncrementalClassifier, MultiHeadClassifier
 from lightning_incremental.methods.distillation import LwF
 from lightning_incremental.methods.fusion import WeightMerging
-from lightning_incremental.methods.partial import FreezeLayers
+from lightning_incremental.methods.partial import FreezeLayers, LoRA
+from lightning_incremental.methods.pretrained import PrototypeHead, RanPACHead
 from lightning_incremental.methods.regularization import EWC, MAS, SI, L2Anchor
 from lightning_incremental.methods.replay import AGEM, DER, ExperienceReplay, ICaRL
 from lightning_incremental.models import MLPClassifier
@@ -33,10 +34,13 @@ __all__ = [
     "ICaRL",
     "IncrementalClassifier",
     "L2Anchor",
+    "LoRA",
     "LwF",
     "MLPClassifier",
     "ModelInterface",
     "MultiHeadClassifier",
+    "PrototypeHead",
+    "RanPACHead",
     "ReplayBuffer",
     "WeightMerging",
     "fit_tasks",

@@ -13,6 +13,8 @@ from lightning.pytorch import Callback
 from lightning_incremental.methods.distillation.lwf import LwF
 from lightning_incremental.methods.fusion.weight_merging import WeightMerging
 from lightning_incremental.methods.partial.freeze import FreezeLayers
+from lightning_incremental.methods.pretrained.prototype_head import PrototypeHead
+from lightning_incremental.methods.pretrained.ranpac_head import RanPACHead
 from lightning_incremental.methods.regularization.ewc import EWC
 from lightning_incremental.methods.regularization.l2_anchor import L2Anchor
 from lightning_incremental.methods.regularization.mas import MAS
@@ -29,7 +31,8 @@ class MethodSpec:
 
     Attributes:
         name: the name on the command line (``"ewc"``).
-        family: ``"baseline"``, ``"regularization"``, ``"replay"``, ``"distillation"``, ``"partial"``, ``"fusion"``.
+        family: ``"baseline"``, ``"regularization"``, ``"replay"``, ``"distillation"``, ``"partial"``,
+            ``"pretrained"``, ``"fusion"``.
         summary: one line for ``--help`` and the README.
         build: returns fresh callbacks with the method's documented defaults, for one run over a stream.
         cumulative: train each task on the union of the tasks so far (the joint upper bound).
@@ -79,6 +82,18 @@ METHODS: list[MethodSpec] = [
         "partial",
         "Train only the last layer (the head) from the second task on; the backbone stays fixed.",
         lambda: [FreezeLayers(train_last=1, from_task=1)],
+    ),
+    MethodSpec(
+        "ranpac",
+        "pretrained",
+        "RanPAC: adapt on task 0, then a random-projection ridge head fitted in closed form (no samples stored).",
+        lambda: [FreezeLayers(train_last=1, from_task=1), RanPACHead()],
+    ),
+    MethodSpec(
+        "prototype",
+        "pretrained",
+        "SimpleCIL: adapt on task 0, then the nearest class mean (cosine) of the features.",
+        lambda: [FreezeLayers(train_last=1, from_task=1), PrototypeHead()],
     ),
     MethodSpec(
         "merge",

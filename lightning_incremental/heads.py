@@ -5,17 +5,37 @@ it grows the head to the task's classes, before ``configure_optimizers`` runs, s
 LightningModule builds holds the new parameters. Both heads take the classes and heads of a state dict loaded
 into them (more or fewer than they hold), so resuming needs nothing special and a grown model's frozen copy
 can hold an earlier task's weights (LwF, iCaRL).
+
+They grow by class, so they need integer class labels (one per row): class counts, a head's classes and the
+batches' targets that are not integers are refused with the fix. Real-valued (regression) outputs need no
+growing head: use a fixed layer such as ``nn.Linear``.
 """
 
 import math
+import operator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 from torch.nn import functional as F
+from typing_extensions import override
 
-from lightning_incremental.core import ContinualCallback, task_of
+from lightning_incremental.core import (
+    ContinualCallback,
+    ModelInterface,
+    check_interface_argument,
+    interface_of,
+    task_of,
+)
+from lightning_incremental.methods.replay._base import _are_class_labels
+
+NEEDS_CLASS_LABELS = (
+    "Class-incremental heads need integer class labels: for real-valued (regression) targets use a fixed output "
+    "layer such as nn.Linear without GrowHeads; for class labels stored as floats, return them as integers from "
+    "the dataset (`y.long()`)."
+)
 
 
 class IncrementalClassifier(nn.Module):
@@ -34,6 +54,7 @@ class IncrementalClassifier(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int = 0) -> None:
         super().__init__()
+        num_classes = _class_count(num_classes, "num_classes")
         if in_features < 1 or num_classes < 0:
             raise ValueError(f"`in_features` must be >= 1 and `num_classes` >= 0, got {in_features}, {num_classes}.")
         self.in_features = in_features
@@ -47,7 +68,7 @@ class IncrementalClassifier(nn.Module):
 
     def grow(self, num_classes: int) -> None:
         """Make room for ``num_classes`` classes (never shrinks); new rows initialised as ``nn.Linear`` does."""
-        added = num_classes - self.num_classes
+        added = _class_count(num_classes, "num_classes") - self.num_classes
         if added <= 0:
             return
         new_weight = torch.empty(added, self.in_features, device=self.weight.device, dtype=self.weight.dtype)
@@ -95,6 +116,7 @@ class MultiHeadClassifier(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int) -> None:
         super().__init__()
+        num_classes = _class_count(num_classes, "num_classes")
         if in_features < 1 or num_classes < 1:
             raise ValueError(f"`in_features` and `num_classes` must be >= 1, got {in_features}, {num_classes}.")
         self.in_features, self.num_classes = in_features, num_classes
@@ -102,6 +124,7 @@ class MultiHeadClassifier(nn.Module):
 
     def add_head(self, task_label: int, classes: list[int]) -> None:
         """Add the head of ``task_label`` over ``classes`` (nothing if it exists with those classes)."""
+        classes = _class_list(classes, f"Task {task_label}'s head")
         key = str(int(task_label))
         if key in self.heads:
             if self.heads[key].classes.tolist() != list(classes):
@@ -153,6 +176,13 @@ class GrowHeads(ContinualCallback):
     ``configure_optimizers`` runs, so the optimizer holds the new parameters and regularization methods see
     the grown shapes (their importances are padded with zeros for the new rows).
 
+    It needs integer class labels: a task whose classes are not integers is refused in ``setup``, and a batch
+    whose targets are not one integer class label per row at its first step, before any optimizer step.
+
+    Args:
+        model_interface: how to read the targets of a batch; default: the model's ``continual_interface``, else
+            :class:`~lightning_incremental.ModelInterface`'s defaults.
+
     Example::
 
         >>> import lightning as L
@@ -168,6 +198,11 @@ class GrowHeads(ContinualCallback):
         4
     """
 
+    def __init__(self, model_interface: ModelInterface | None = None) -> None:
+        super().__init__()
+        self.model_interface = check_interface_argument(model_interface)
+
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
@@ -184,8 +219,49 @@ class GrowHeads(ContinualCallback):
                 "`GrowHeads` needs the task's classes: train on `task.train_dataloader()` of a TaskStream (or a "
                 "datamodule with a `task` attribute)."
             )
+        classes = _class_list(task.classes, f"`GrowHeads` grows the heads to the task's classes, but task {task.index}")
         for head in heads:
             if isinstance(head, IncrementalClassifier):
-                head.grow(max(task.classes) + 1)
+                head.grow(max(classes) + 1)
             else:
-                head.add_head(task.label if task.label is not None else task.index, list(task.classes))
+                head.add_head(task.label if task.label is not None else task.index, classes)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        interface = interface_of(pl_module, self.model_interface)
+        if not interface.has_targets(batch):
+            return
+        targets = interface.targets(batch)
+        if not _are_class_labels(targets):
+            raise ValueError(
+                f"`GrowHeads` grows classifier heads by class and needs one integer class label per row, but the "
+                f"targets are {targets.dtype} of shape {list(targets.shape)}. {NEEDS_CLASS_LABELS} If the class "
+                "labels are another entry of the batch, name it with `model_interface=ModelInterface(target_key=...)`."
+            )
+
+
+def _class_count(value: Any, argument: str) -> int:
+    """``value`` as a whole number of classes; anything else raises, naming ``argument`` and the fix."""
+    if not _is_integer(value):
+        raise ValueError(f"`{argument}` must be a whole number of classes, got {value!r}. {NEEDS_CLASS_LABELS}")
+    return operator.index(value)
+
+
+def _class_list(values: Iterable[Any], what: str) -> list[int]:
+    """``values`` as a non-empty list of integer class labels; anything else raises, with ``what`` and the fix."""
+    values = list(values)
+    if not values or not all(_is_integer(value) for value in values):
+        raise ValueError(f"{what} has classes {values!r}, not integer class labels. {NEEDS_CLASS_LABELS}")
+    return [operator.index(value) for value in values]
+
+
+def _is_integer(value: Any) -> bool:
+    """An int, a NumPy integer or an integer tensor of one element; not a bool, not a float."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True

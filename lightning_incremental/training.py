@@ -80,8 +80,11 @@ def load_task_checkpoint(checkpoint_path: str | Path, model: LightningModule, ca
         (True, 1)
     """
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    model.load_state_dict(checkpoint["state_dict"])
     callbacks = list(callbacks)
+    for callback in callbacks:
+        if isinstance(callback, ContinualCallback):
+            callback.prepare_model(model)
+    model.load_state_dict(checkpoint["state_dict"])
     assign_state_keys(callbacks)
     states = checkpoint.get("callbacks", {})
     for callback in callbacks:

@@ -19,6 +19,7 @@ from lightning_incremental.methods.pretrained import (
     holdout_mask,
     select_ridge,
 )
+from lightning_incremental.scenarios import digits_stream
 
 GRID = [1e-6, 1e-4, 1e-2, 1.0, 1e2]  # relative to the mean eigenvalue of the fitted rows' Gram matrix
 
@@ -31,12 +32,12 @@ def frozen_model(stream, seed: int = 0) -> MLPClassifier:
     return model
 
 
-def fit_tasks_with(model, callbacks, tasks, epochs: int = 2, **kwargs) -> list[int]:
+def fit_tasks_with(model, callbacks, tasks, epochs: int = 2, batch_size: int = 8, **kwargs) -> list[int]:
     """Fit every task with a fresh Trainer; return each fit's optimizer steps."""
     steps = []
     for task in tasks:
         fit = trainer(epochs, callbacks, **kwargs)
-        fit.fit(model, train_loader(task))
+        fit.fit(model, train_loader(task, batch_size=batch_size))
         steps.append(fit.global_step)
     return steps
 
@@ -115,23 +116,25 @@ def test_prototypes_are_the_class_means_of_the_features_and_predict_by_cosine(sp
     assert (logits[:, 4:] == torch.finfo(torch.float32).min).all()  # classes not seen yet never win
 
 
-def test_both_heads_adapted_once_beat_naive_fine_tuning_by_far_class_incremental(split_stream):
-    naive_model, naive_eval = frozen_model(split_stream), ContinualEvaluation(split_stream)
-    naive_model.net[0].requires_grad_(True)
-    fit_tasks_with(naive_model, [naive_eval], split_stream, epochs=3)
-    naive = naive_eval.result().summary()["acc"]
+def test_both_heads_beat_naive_fine_tuning_by_far_on_class_incremental_digits():
+    stream = digits_stream("split")  # 5 tasks of 2 digits, one 10-way head
 
-    for head in (PrototypeHead(), RanPACHead(projection_dim=256)):
-        model, evaluation = frozen_model(split_stream), ContinualEvaluation(split_stream)
-        model.net[0].requires_grad_(True)  # adapt once: train the backbone on the first task, then freeze it
-        adapt_once = FreezeLayers(freeze=["net.0.*"], from_task=1)
-        steps = fit_tasks_with(model, [adapt_once, head, evaluation], split_stream, epochs=3)
-        accuracy = evaluation.result().summary()["acc"]
+    def run(callbacks, train_backbone: bool) -> tuple[float, list[int]]:
+        L.seed_everything(0, verbose=False)
+        model, evaluation = MLPClassifier(64, 10, hidden=(64,), lr=1e-2), ContinualEvaluation(stream)
+        model.net[0].requires_grad_(train_backbone)
+        steps = fit_tasks_with(model, [*callbacks, evaluation], stream, epochs=1, batch_size=32)
+        return evaluation.result().summary()["acc"], steps
 
-        assert steps == [36, 0, 0]  # 96 rows in batches of 8 for 3 epochs, then nothing trains
-        assert accuracy > 0.9
-        assert accuracy > naive + 0.4, (type(head).__name__, accuracy, naive)
-    assert naive < 0.5
+    naive, naive_steps = run([], train_backbone=True)
+    prototype, prototype_steps = run([PrototypeHead()], train_backbone=False)  # a frozen random backbone
+    adapt_once = FreezeLayers(freeze=["net.0.*"], from_task=1)  # train the backbone on task 0, then freeze it
+    ranpac, ranpac_steps = run([adapt_once, RanPACHead(projection_dim=256)], train_backbone=True)
+
+    assert min(naive_steps) > 0 and prototype_steps == [0] * 5 and ranpac_steps == [naive_steps[0], 0, 0, 0, 0]
+    assert naive < 0.3
+    assert prototype > naive + 0.5 and prototype > 0.8, (prototype, naive)
+    assert ranpac > naive + 0.6 and ranpac > 0.9, (ranpac, naive)
 
 
 def test_two_ddp_processes_fit_the_same_heads_as_one_process(split_stream, tmp_path):
@@ -140,8 +143,10 @@ def test_two_ddp_processes_fit_the_same_heads_as_one_process(split_stream, tmp_p
         prototype, ranpac = PrototypeHead(), RanPACHead(projection_dim=64, ridge_grid=GRID)
         for task in split_stream[:2]:
             for model, head in ((prototype_model, prototype), (ridge_model, ranpac)):
-                trainer(1, [head], **trainer_kwargs).fit(model, train_loader(task))
+                fit = trainer(1, [head], **trainer_kwargs)
+                fit.fit(model, train_loader(task))
         return {
+            "world_size": fit.world_size,
             "prototypes": prototype_model.head.prototypes.clone(),
             "weight": ridge_model.head.weight.clone(),
             "ridge": ranpac.chosen_ridge,
@@ -154,6 +159,7 @@ def test_two_ddp_processes_fit_the_same_heads_as_one_process(split_stream, tmp_p
     run_like_torchrun(worker, tmp_path)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     single = run(0)
+    assert rank0["world_size"] == 2 and single["world_size"] == 1
     assert_same_state(rank0, rank1)  # every rank holds the same statistics and heads
     torch.testing.assert_close(rank0["prototypes"], single["prototypes"], rtol=1e-6, atol=1e-7)
     assert rank0["ridge"] == pytest.approx(single["ridge"], rel=1e-9)
@@ -179,6 +185,41 @@ def test_checkpoint_between_tasks_resumes_as_if_never_stopped(split_stream, tmp_
         fit_tasks_with(m, [h], [split_stream[1]])
     assert_same_state(restored.state_dict(), head.state_dict())
     assert_same_state(restored_model.state_dict(), model.state_dict())
+
+
+def test_a_hugging_face_text_model_with_dict_batches_needs_only_a_frozen_encoder():
+    transformers = pytest.importorskip("transformers")
+    from lightning_incremental.text import TextClassifier, pad_batch
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
+    )
+    model = TextClassifier(transformers.BertModel(config), num_classes=3)
+    model.encoder.requires_grad_(False)
+    lengths = torch.randint(3, 9, (24,)).tolist()  # padded per batch: the rows differ in length
+    rows = [{"input_ids": torch.randint(1, 50, (n,)), "labels": torch.tensor(i % 3)} for i, n in enumerate(lengths)]
+    loader = DataLoader(rows, batch_size=8, collate_fn=pad_batch)
+    fit = trainer(3, [PrototypeHead()])
+    fit.fit(model, loader)
+
+    model.eval()
+    with torch.no_grad():
+        embeddings = torch.cat([model.embed(b["input_ids"], b["attention_mask"]) for b in loader])
+    labels = torch.tensor([i % 3 for i in range(24)])
+    assert fit.global_step == 0
+    means = torch.stack([embeddings[labels == c].mean(0) for c in range(3)])
+    torch.testing.assert_close(model.head.prototypes, means, rtol=1e-5, atol=1e-6)
+
+
+def test_spawned_workers_need_the_layer_installed_in_the_main_process_first(split_stream):
+    model, head = frozen_model(split_stream), RanPACHead(projection_dim=8)
+    fork = L.Trainer(callbacks=[head], **{**QUIET, "strategy": "ddp_fork", "devices": 2})
+    with pytest.raises(RuntimeError, match=r"call `RanPACHead\(...\).install\(model\)` once before the first fit"):
+        head.setup(fork, model, "fit")
+    head.install(model)
+    head.setup(fork, model, "fit")
+    assert isinstance(model.head, RandomProjectionRidgeClassifier) and model.head.projection.shape == (32, 8)
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -1,6 +1,7 @@
-"""iCaRL: herding picks representative exemplars, the memory is split evenly over the classes seen and shrinks
-by herding prefix, the training step sees replayed exemplars and a distillation term, the nearest mean of
-exemplars classifies as by hand, the state survives a checkpoint bit for bit, and bad arguments are named."""
+"""iCaRL: herding picks representative exemplars, the replay buffer holds them split evenly over the classes seen
+and shrinking by herding prefix, the training step sees replayed exemplars and LwF's distillation, the nearest
+mean of exemplars classifies as by hand, under DDP the exemplars are one global buffer, the state survives a
+checkpoint bit for bit, and bad arguments and targets other than class labels are refused with the fix."""
 
 import io
 import itertools
@@ -8,16 +9,22 @@ import itertools
 import lightning as L
 import pytest
 import torch
-from harness import assert_same_state, train_loader, trainer
+from harness import assert_same_state, assert_same_weights, run_like_torchrun, train_loader, trainer
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from lightning_incremental import ContinualEvaluation
+from lightning_incremental import (
+    EWC,
+    ContinualEvaluation,
+    ExperienceReplay,
+    GrowHeads,
+    ICaRL,
+    MLPClassifier,
+    ReplayBuffer,
+)
 from lightning_incremental.methods.distillation.lwf import distillation_loss
-from lightning_incremental.methods.replay import ICaRL
 from lightning_incremental.methods.replay.icarl import herding
-from lightning_incremental.models import MLPClassifier
-from lightning_incremental.scenarios import LabeledTensorDataset
+from lightning_incremental.scenarios import LabeledTensorDataset, regression_stream
 
 
 def _fit_tasks(model, icarl, tasks, epochs=1, **trainer_kwargs):
@@ -68,6 +75,11 @@ def test_exemplars_per_class_are_buffer_size_over_classes_seen_and_shrink_by_her
             inputs = torch.stack([train[i][0] for i in range(len(train))])
             assert all((inputs == row).all(dim=1).any() for row in rows[0])  # real training rows, in their dtype
             assert rows[0].dtype == inputs.dtype
+        # the replay buffer holds exactly these rows, each with its class and its place in the herding order
+        assert len(icarl.buffer) == sum(counts[-1].values())
+        groups, positions = icarl.buffer.groups[: len(icarl.buffer)], icarl.buffer.extras["position"]
+        for c, n in counts[-1].items():
+            assert sorted(positions[: len(icarl.buffer)][groups == c].tolist()) == list(range(n))
     assert counts == [{0: 10, 1: 10}, dict.fromkeys(range(4), 5), dict.fromkeys(range(6), 3)]  # 20 // 6 = 3
     for before, after in itertools.pairwise(snapshots):
         for c, rows in after.items():
@@ -110,6 +122,29 @@ def test_training_step_sees_replayed_exemplars_and_pays_the_distillation_on_old_
             new, old = model(x), old_model(x)
             expected = F.cross_entropy(new, y) + 0.7 * distillation_loss(new[:, [0, 1]], old[:, [0, 1]], 2.0)
             assert loss == pytest.approx(float(expected), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "stack",
+    [("grow", "icarl"), ("icarl", "grow"), ("replay", "icarl", "ewc"), ("ewc", "icarl", "replay")],
+    ids=lambda stack: "+".join(stack),
+)
+def test_icarl_stacks_with_growing_heads_and_other_methods_in_either_order(split_stream, stack):
+    build = {
+        "grow": GrowHeads,
+        "icarl": lambda: ICaRL(buffer_size=12),
+        "replay": lambda: ExperienceReplay(buffer_size=12),
+        "ewc": lambda: EWC(lambda_=10.0),
+    }
+    methods = {name: build[name]() for name in stack}
+    L.seed_everything(0, verbose=False)
+    head = "incremental" if "grow" in stack else "linear"
+    model = MLPClassifier(16, 0 if head == "incremental" else 6, hidden=(16,), head=head, lr=1e-2)
+    for task in list(split_stream)[:2]:  # the old model has 2 logits while the grown model has 4
+        trainer(1, list(methods.values())).fit(model, train_loader(task))
+    icarl = methods["icarl"]
+    assert icarl.classes == [0, 1, 2, 3] and len(icarl.buffer) == 12
+    assert icarl.old_model is not None and torch.isfinite(icarl.class_means).all()
 
 
 # ---------------------------------------------------------------------------------------------- NME
@@ -187,3 +222,53 @@ def test_unusable_setups_fail_with_the_argument_and_the_fix(split_stream):
         trainer(1, [ICaRL()]).fit(model, unlabelled)
     with pytest.raises(ValueError, match=r"`buffer_size=1` leaves no exemplar for 2 classes"):
         trainer(1, [ICaRL(buffer_size=1)]).fit(model, train_loader(split_stream[0]))
+
+
+@pytest.mark.parametrize(
+    ("loader", "described"),
+    [
+        (lambda: regression_stream(n_tasks=1)[0].train_dataloader(batch_size=8), r"torch\.float32 of shape \[8\]"),
+        (
+            lambda: DataLoader(
+                LabeledTensorDataset(torch.randn(16, 10), torch.randint(0, 2, (16, 3))), batch_size=8
+            ),  # multi-label: several 0/1 labels per row
+            r"torch\.int64 of shape \[8, 3\]",
+        ),
+    ],
+    ids=["regression", "multi-label"],
+)
+def test_targets_other_than_class_labels_are_refused_before_the_first_optimizer_step(loader, described):
+    model = MLPClassifier(10, 3, hidden=(8,))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    fit = trainer(1, [ICaRL()])
+    with pytest.raises(ValueError, match=rf"ICaRL needs one integer class label per row.*{described}") as error:
+        fit.fit(model, loader())
+    message = str(error.value)
+    assert "ExperienceReplay or DER" in message and "`y.long()`" in message  # the fixes
+    assert "model_interface=ModelInterface(target_key=...)" in message  # the argument
+    assert fit.global_step == 0
+    assert_same_weights(weights, model.state_dict(), atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+def test_under_ddp_the_exemplars_are_one_global_buffer_of_which_each_rank_holds_a_share(split_stream, tmp_path):
+    def worker(rank, out_dir):
+        L.seed_everything(0, verbose=False)
+        model, icarl = MLPClassifier(16, 6, hidden=(16,), lr=1e-2), ICaRL(buffer_size=20)
+        for task in list(split_stream)[:2]:
+            trainer(1, [icarl], strategy="ddp", devices=2).fit(model, train_loader(task))
+        local = [rows[0] for rows in icarl.exemplars]
+        torch.save({"local": local, "state": icarl.state_dict()}, out_dir / f"rank{rank}.pt")
+
+    run_like_torchrun(worker, tmp_path)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert_same_state(rank0["state"], rank1["state"])  # the class means, the old model, every rank's share
+    assert rank0["state"]["classes"] == [0, 1, 2, 3]
+    whole = ReplayBuffer.pooled(rank0["state"]["shards"], capacity=20)  # the checkpoint holds every exemplar
+    labels = whole.storage[1][: len(whole)]
+    assert [int((labels == c).sum()) for c in range(4)] == [5, 5, 5, 5]
+    rows = whole.storage[0][: len(whole)]
+    assert sum(map(len, rank0["local"])) == sum(map(len, rank1["local"])) == 10  # each rank holds half
+    for c in range(4):  # between them the ranks hold every exemplar of every class once
+        held = torch.cat([rank0["local"][c], rank1["local"][c]])
+        assert sorted(map(tuple, held.tolist())) == sorted(map(tuple, rows[labels == c].tolist()))

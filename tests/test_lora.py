@@ -93,9 +93,10 @@ def test_merge_folds_the_adapters_into_the_weights_exactly_and_the_next_task_sta
         a, b = before[f"{layer}.lora.0.A.weight"], before[f"{layer}.lora.0.B.weight"]
         folded = before[f"{layer}.weight"] + (8.0 / 4) * b @ a
         torch.testing.assert_close(model.get_submodule(layer).weight.detach(), folded, rtol=0, atol=1e-6)
-        fresh = model.get_submodule(layer).lora[0]
+        fresh = model.get_submodule(layer).lora[0]  # a new Kaiming-uniform A in +-1/sqrt(in), and B = 0
         assert torch.count_nonzero(fresh["B"].weight) == 0
         assert not torch.equal(fresh["A"].weight.detach(), a)
+        assert fresh["A"].weight.abs().max() <= fresh["A"].in_features ** -0.5
     torch.testing.assert_close(_outputs(model, PROBE_INPUT), probe.outputs_before_merge, rtol=0, atol=1e-5)
 
 
@@ -281,7 +282,6 @@ def test_a_new_process_resumes_between_tasks_and_mid_task_as_if_never_stopped(sp
 
     # a new process starts task 1 from the checkpoint saved between the tasks, and stops after one epoch of two
     model, restarted = tiny_model(split_stream), methods()  # the model as built, fresh callbacks
-    restarted[0].inject(model)  # the adapter keys exist before the weights load
     load_task_checkpoint(tmp_path / "between.ckpt", model, restarted)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer(1, [*restarted, checkpoint], enable_checkpointing=True).fit(model, second)
@@ -296,7 +296,9 @@ def test_a_new_process_resumes_between_tasks_and_mid_task_as_if_never_stopped(sp
 # ---------------------------------------------------------------------------------------------- errors
 def test_bad_arguments_get_errors_that_name_the_fix(split_stream):
     model = tiny_model(split_stream)
-    with pytest.raises(ValueError, match=r"'net\.9' matches no linear layer .* its linear layers are: net\.0, net\.2"):
+    with pytest.raises(
+        ValueError, match=r"'net\.9' matches no linear layer of .*; its linear layer names are like: net\.0, net\.2"
+    ):
         LoRA(target_modules="net.9").inject(model)
     with pytest.raises(ValueError, match=r"`target_modules=\[...\]` .* linear layers of MLPClassifier are: net\.0"):
         LoRA().inject(model)
@@ -308,3 +310,7 @@ def test_bad_arguments_get_errors_that_name_the_fix(split_stream):
         LoRA(target_modules="net.0", mode="average")
     with pytest.raises(ValueError, match=r"`train` pattern 'head\.\*' matches no parameter"):
         trainer(1, [LoRA(target_modules="net.0", train="head.*")]).fit(model, train_loader(split_stream[0]))
+    lora = LoRA(target_modules="net.0")
+    trainer(1, [lora]).fit(model, train_loader(split_stream[0]))
+    with pytest.raises(RuntimeError, match=r"lost them\. Under ddp_spawn / ddp_fork call `lora\.inject\(model\)`"):
+        trainer(1, [lora]).fit(tiny_model(split_stream), train_loader(split_stream[1]))  # a model without them

@@ -2,6 +2,7 @@
 statistics of the policies, checkpoints bit for bit, one global buffer over DDP ranks, and argument errors."""
 
 import io
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ from torch.nn import functional as F
 from lightning_incremental import load_task_checkpoint
 from lightning_incremental.buffers import ReplayBuffer
 from lightning_incremental.methods.replay import AGEM, DER, ExperienceReplay
+from lightning_incremental.methods.replay._base import ReplayMethod
 from lightning_incremental.methods.replay.agem import project_conflicting
 from lightning_incremental.models import MLPClassifier
 
@@ -402,6 +404,36 @@ def test_a_checkpoint_restores_a_buffer_of_sequence_rows_bit_for_bit(tmp_path):
     assert_same_state(tuple(restored.buffer.sample(10)), tuple(replay.buffer.sample(10)))
 
 
+class _StoresTokenLogits(ReplayMethod):
+    """Stores the token-level logits of every row, as DER does, and keeps what ``replay(..., masks=True)`` gives."""
+
+    def __init__(self) -> None:
+        super().__init__(buffer_size=12, policy="auto", fill="stream", seed=0)
+        self.replays: list[tuple[dict, dict, dict]] = []
+
+    def wrap_training_step(self, trainer, pl_module, batch, step):
+        if len(self.buffer):
+            self.replays.append(self.replay(batch, 8, masks=True))
+        output = step(batch)
+        self.insert(batch, {"logits": pl_module(**batch).logits.detach()})
+        return output
+
+
+def test_token_level_extras_are_replayed_with_a_mask_of_the_positions_they_were_stored_at():
+    tasks, model, method = _text_tasks(token_level=True), _TinyTextModel(token_level=True), _StoresTokenLogits()
+    for items in tasks[:2]:
+        trainer(1, [method]).fit(model, _text_loader(items, token_level=True))
+    (_, first, no_masks), *later = method.replays
+    assert first["logits"].shape == (8, 4, 6) and no_masks == {}  # all rows stored so far were 4 tokens long
+    assert len(later) == 4
+    for replayed, extras, masks in later:
+        logits, mask = extras["logits"], masks["logits"]
+        assert logits.shape == (*replayed["input_ids"].shape, 6) and mask.shape == replayed["input_ids"].shape
+        assert bool((replayed["attention_mask"].bool() <= mask).all())  # every real token's logits were stored
+        assert bool((logits[~mask] == 0).all()) and bool((logits[mask] != 0).all())  # padding is 0, and only padding
+        assert set(replayed["input_ids"][~mask].tolist()) <= {PAD_ID}
+
+
 class _Regressor(L.LightningModule):
     """The documents' regression model: 10 -> 20 -> 1, MSE, Adam."""
 
@@ -441,7 +473,7 @@ def test_experience_replay_defaults_serve_regression_targets_with_the_reservoir(
         L.seed_everything(0, verbose=False)
         model, callbacks = _Regressor(target_shape), [ExperienceReplay()] if name == "replay" else []
         for task in tasks:
-            trainer(3, callbacks).fit(model, torch.utils.data.DataLoader(task, batch_size=16))
+            trainer(5, callbacks).fit(model, torch.utils.data.DataLoader(task, batch_size=16))
         with torch.no_grad():
             mse[name] = sum(float(F.mse_loss(model(t.tensors[0]), t.tensors[1])) for t in tasks) / len(tasks)
         if name == "replay":
@@ -503,3 +535,36 @@ def test_the_task_end_fill_leaves_the_users_shuffles_as_they_were(own_generator,
             trainer(1, [*callbacks, order]).fit(model, loader)
         orders[name] = order.labels
     assert orders["replay"] == orders["naive"]
+
+
+# ---------------------------------------------------------------------------------------------- task-free use
+def _said_nothing_replayed(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if "replayed nothing in this fit" in str(w.message)]
+
+
+def test_a_single_task_free_fit_with_the_defaults_trains_as_fine_tuning_and_says_to_fill_from_the_stream(split_stream):
+    stream = torch.utils.data.ConcatDataset([task.train for task in split_stream])  # one fit, no task metadata
+    weights, said = {}, {}
+    for name, build in (
+        ("naive", list),
+        ("defaults", lambda: [ExperienceReplay()]),
+        ("stream", lambda: [ExperienceReplay(fill="stream", policy="reservoir")]),
+    ):
+        model = tiny_model(split_stream)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(1, build()).fit(model, torch.utils.data.DataLoader(stream, batch_size=8))
+        weights[name] = torch.cat([p.detach().flatten() for p in model.parameters()])
+        said[name] = _said_nothing_replayed(caught)
+    assert torch.equal(weights["defaults"], weights["naive"])  # the rows sat unused in the buffer ...
+    assert len(said["defaults"]) == 1 and "ExperienceReplay(fill='stream')" in said["defaults"][0]  # ... and it says so
+    assert not torch.equal(weights["stream"], weights["naive"]) and said["stream"] == []
+
+
+def test_fits_of_a_task_stream_never_warn_that_nothing_was_replayed(split_stream):
+    model, replay = tiny_model(split_stream), ExperienceReplay(buffer_size=30)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for task in list(split_stream)[:2]:
+            trainer(1, [replay]).fit(model, train_loader(task))
+    assert _said_nothing_replayed(caught) == [] and replay.tasks_completed == 2

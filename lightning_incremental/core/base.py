@@ -73,6 +73,10 @@ class ContinualCallback(Callback):
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Called once when a task ends, before ``tasks_completed`` is incremented."""
 
+    def prepare_model(self, pl_module: nn.Module) -> None:
+        """Add to a freshly built model what this method adds in ``setup`` (adapters, grown heads), so that
+        weights saved with them load into it (:func:`~lightning_incremental.load_task_checkpoint` calls it)."""
+
     def wrap_training_step(self, trainer: Trainer, pl_module: LightningModule, batch: Any, step: Step) -> STEP_OUTPUT:
         """Return the training-step output; call ``step(batch)`` to run the inner step on a (new) batch."""
         return step(batch)
@@ -137,9 +141,10 @@ class ContinualCallback(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if _lightning.has_nothing_left_to_train(trainer):
             raise RuntimeError(
-                f"This fit would train nothing: the Trainer has already reached max_epochs={trainer.max_epochs} "
-                f"(or max_steps={trainer.max_steps}), so {type(self).__name__} would see a task that never trains. "
-                "Build a new Trainer for every task (or raise `trainer.fit_loop.max_epochs` before each fit); to "
+                f"This fit would train nothing: the Trainer is at max_epochs={trainer.max_epochs} (or "
+                f"max_steps={trainer.max_steps}) already, so {type(self).__name__} would see a task that never trains "
+                "and never ends. Give every task at least one epoch, and build a new Trainer for every task (or raise "
+                "`trainer.fit_loop.max_epochs` before each fit on a reused one); to "
                 "start the next task from a checkpoint saved at the end of one, use "
                 "`lightning_incremental.load_task_checkpoint` instead of `ckpt_path=`."
             )

@@ -4,14 +4,17 @@ importance, and any other importance built from per-sample gradients.
 ``sum_n phi(d loss_n / d theta)`` with ``phi`` = square or abs cannot be read off the gradient of a batch
 (that is ``phi`` of a sum, not a sum of ``phi``). Two exact ways compute it here:
 
-- **Layer fast path** for ``nn.Linear`` on ``[batch, features]`` inputs and ``nn.Conv2d`` (groups 1): one
-  forward and one backward of the summed loss give, per layer, the input ``a_n`` and the output gradient
-  ``delta_n`` of every sample; the per-sample weight gradient is ``delta_n a_n^T`` (Linear) or
-  ``delta_n unfold(a_n)^T`` (Conv2d), so the sum needs one matmul per layer — the cost of a training
-  step, not of ``batch`` backward passes. For Linear, ``phi(delta a^T) = phi(delta) phi(a)^T``
-  elementwise, so not even the per-sample gradients are materialised.
+- **Layer fast path** for ``nn.Linear`` (on ``[batch, features]`` or sequence inputs ``[batch, tokens, features]``)
+  and ``nn.Conv2d`` (groups 1): one forward and one backward of the summed loss give, per layer, the input
+  ``a_n`` and the output gradient ``delta_n`` of every sample; the per-sample weight gradient is
+  ``delta_n a_n^T`` (Linear), ``sum_t delta_nt a_nt^T`` (Linear over tokens) or ``delta_n unfold(a_n)^T``
+  (Conv2d), so the sum needs one matmul per layer — the cost of a training step, not of ``batch`` backward
+  passes. For Linear on ``[batch, features]``, ``phi(delta a^T) = phi(delta) phi(a)^T`` elementwise, so not
+  even the per-sample gradients are materialised.
 - **torch.func fallback** for every other parameter (norm layers, embeddings, a layer called twice):
-  ``vmap(grad(loss))`` over ``functional_call``, in chunks of ``chunk_size`` samples to bound memory.
+  ``vmap(grad(loss))`` over ``functional_call``, in chunks of ``chunk_size`` samples to bound memory. A forward
+  that ``torch.func`` cannot trace (data-dependent control flow, such as a Hugging Face model's attention-mask
+  handling) falls back to one backward per sample.
 
 Both require samples to be independent in the forward: the model runs in eval mode (BatchNorm uses its
 running statistics and is not updated).
@@ -88,6 +91,21 @@ def _linear_sums(a: Tensor, delta: Tensor, has_bias: bool, reduction: Reduction)
     if has_bias:
         sums.append(delta.sum(0))
     return sums
+
+
+def _sequence_linear_sums(
+    a: Tensor, delta: Tensor, has_bias: bool, reduction: Reduction, chunk_size: int
+) -> list[Tensor]:
+    """Linear on ``[n, ..., in]`` inputs: ``sum_n phi(sum_t delta_nt a_nt^T)``, in chunks of samples."""
+    a, delta = a.flatten(1, -2), delta.flatten(1, -2)
+    weight_sum = a.new_zeros(delta.shape[-1], a.shape[-1])
+    bias_sum = a.new_zeros(delta.shape[-1]) if has_bias else None
+    for start in range(0, a.shape[0], chunk_size):
+        a_chunk, delta_chunk = a[start : start + chunk_size], delta[start : start + chunk_size]
+        weight_sum += _phi(torch.einsum("nto,nti->noi", delta_chunk, a_chunk), reduction).sum(0)
+        if bias_sum is not None:
+            bias_sum += _phi(delta_chunk.sum(1), reduction).sum(0)
+    return [weight_sum, *([bias_sum] if bias_sum is not None else [])]
 
 
 def _conv_sums(layer: nn.Conv2d, a: Tensor, delta: Tensor, reduction: Reduction, chunk_size: int) -> list[Tensor]:
@@ -177,7 +195,7 @@ def _fast_path_batch(
     usable = {
         name: layer
         for name, layer in layers.items()
-        if taps.calls[name] == 1 and (isinstance(layer, nn.Conv2d) or taps.inputs[name].ndim == 2)
+        if taps.calls[name] == 1 and (isinstance(layer, nn.Conv2d) or taps.inputs[name].ndim >= 2)
     }
     if not usable:
         return set()
@@ -191,8 +209,10 @@ def _fast_path_batch(
             if delta is None:
                 continue
             a, delta = taps.inputs[name].float(), delta.float()
-            if isinstance(layer, nn.Linear):
+            if isinstance(layer, nn.Linear) and a.ndim == 2:
                 layer_sums = _linear_sums(a, delta, layer.bias is not None, reduction)
+            elif isinstance(layer, nn.Linear):
+                layer_sums = _sequence_linear_sums(a, delta, layer.bias is not None, reduction, chunk_size)
             else:
                 layer_sums = _conv_sums(layer, a, delta, reduction, chunk_size)
             for param, value in zip((layer.weight, layer.bias), layer_sums, strict=False):
@@ -231,13 +251,45 @@ def _fallback_batch(
         first = _map_tensors(batch, lambda t: t[:1])
         n_columns = per_sample_loss(forward(module, first), first).reshape(1, -1).shape[1]
     n = batch_size_of(batch)
-    for column in range(n_columns):
-        per_sample = vmap(grad(column_loss), in_dims=(None, 0, None))
-        for start in range(0, n, chunk_size):
-            chunk = _map_tensors(batch, lambda t, s=start: t[s : s + chunk_size])
-            grads = per_sample(trainable, chunk, column)
-            for name in params:
-                sums[name] += _phi(grads[f"module.{name}"].float(), reduction).sum(0)
+    try:
+        partial = {name: torch.zeros_like(total) for name, total in sums.items() if name in params}
+        for column in range(n_columns):
+            per_sample = vmap(grad(column_loss), in_dims=(None, 0, None))
+            for start in range(0, n, chunk_size):
+                chunk = _map_tensors(batch, lambda t, s=start: t[s : s + chunk_size])
+                grads = per_sample(trainable, chunk, column)
+                for name in params:
+                    partial[name] += _phi(grads[f"module.{name}"].float(), reduction).sum(0)
+    except (RuntimeError, NotImplementedError):  # a forward torch.func cannot trace: one backward per sample
+        partial = _loop_batch(module, batch, per_sample_loss, forward, params, reduction, n_columns)
+    for name, value in partial.items():
+        sums[name] += value
+
+
+def _loop_batch(
+    module: nn.Module,
+    batch: Any,
+    per_sample_loss: PerSampleLoss,
+    forward: ForwardFn,
+    params: dict[str, nn.Parameter],
+    reduction: Reduction,
+    n_columns: int,
+) -> dict[str, Tensor]:
+    """``sum_n phi(grad of loss_n)`` by one forward and ``n_columns`` backward passes per sample."""
+    totals = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    names, tensors = list(params), list(params.values())
+    for row in range(batch_size_of(batch)):
+        sample = _map_tensors(batch, lambda t, r=row: t[r : r + 1])
+        with torch.enable_grad():
+            losses = per_sample_loss(forward(module, sample), sample).reshape(-1)
+            for column in range(n_columns):
+                grads = torch.autograd.grad(
+                    losses[column], tensors, retain_graph=column + 1 < n_columns, allow_unused=True
+                )
+                for name, gradient in zip(names, grads, strict=True):
+                    if gradient is not None:
+                        totals[name] += _phi(gradient.float(), reduction)
+    return totals
 
 
 def _map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:

@@ -53,14 +53,20 @@ def trim_top_k(task_vector: Mapping[str, Tensor], top_k: float) -> TensorDict:
     """
     if not 0 < top_k <= 1:
         raise ValueError(f"`top_k` must be in (0, 1] (the fraction of entries kept), got {top_k!r}.")
-    magnitudes = torch.cat([tensor.detach().abs().flatten() for tensor in task_vector.values()])
-    total = magnitudes.numel()
-    keep = math.ceil(top_k * total)
-    if keep >= total:
+    sizes = [tensor.numel() for tensor in task_vector.values()]
+    first = next(iter(task_vector.values()))
+    magnitudes = torch.empty(sum(sizes), dtype=first.dtype, device=first.device)
+    for part, tensor in zip(magnitudes.split(sizes), task_vector.values(), strict=True):
+        torch.abs(tensor.detach().flatten(), out=part)
+    keep = math.ceil(top_k * magnitudes.numel())
+    if keep >= magnitudes.numel():
         return {name: tensor.clone() for name, tensor in task_vector.items()}
-    threshold = magnitudes.kthvalue(total - keep + 1).values
+    kept = magnitudes >= magnitudes.kthvalue(magnitudes.numel() - keep + 1).values
     del magnitudes
-    return {name: tensor * (tensor.abs() >= threshold) for name, tensor in task_vector.items()}
+    return {
+        name: tensor * mask.view_as(tensor)
+        for (name, tensor), mask in zip(task_vector.items(), kept.split(sizes), strict=True)
+    }
 
 
 def drop_and_rescale(
@@ -80,7 +86,7 @@ def drop_and_rescale(
     dropped = {}
     for name, tensor in task_vector.items():
         keep = torch.rand(tensor.shape, generator=generator) >= drop_prob
-        dropped[name] = tensor * keep.to(tensor.device) / (1 - drop_prob)
+        dropped[name] = (tensor * keep.to(tensor.device)).div_(1 - drop_prob)
     return dropped
 
 
@@ -111,10 +117,12 @@ def ties_update(statistics: Statistics, trimmed: Mapping[str, Tensor]) -> Statis
     for key in ("positive_sum", "negative_sum", "positive_count", "negative_count"):
         statistics.setdefault(key, {})
     for name, tensor in trimmed.items():
-        _running(statistics["positive_sum"], name, tensor).add_(tensor.clamp(min=0))
-        _running(statistics["negative_sum"], name, tensor).add_(tensor.clamp(max=0))
-        _running(statistics["positive_count"], name, tensor, torch.int32).add_(tensor > 0)
-        _running(statistics["negative_count"], name, tensor, torch.int32).add_(tensor < 0)
+        positive = tensor > 0
+        _running(statistics["positive_sum"], name, tensor).add_(tensor * positive)
+        _running(statistics["positive_count"], name, tensor, torch.int32).add_(positive)
+        negative = tensor < 0
+        _running(statistics["negative_sum"], name, tensor).add_(tensor * negative)
+        _running(statistics["negative_count"], name, tensor, torch.int32).add_(negative)
     return statistics
 
 
@@ -129,20 +137,13 @@ def ties_merge(statistics: Statistics) -> TensorDict:
     {'w': tensor([ 2., -2.,  0.])}
     """
     positive, negative = statistics["positive_sum"], statistics["negative_sum"]
-    votes = 0
-    for name in positive:
-        total = positive[name] + negative[name]
-        votes += int((total > 0).sum()) - int((total < 0).sum())
-    majority = 1.0 if votes >= 0 else -1.0
+    votes = sum(int(torch.sign(positive[name] + negative[name]).sum(dtype=torch.int64)) for name in positive)
     merged = {}
     for name in positive:
-        sign = torch.sign(positive[name] + negative[name])
-        elected_positive = torch.where(sign == 0, majority, sign) > 0
-        merged[name] = torch.where(
-            elected_positive,
-            positive[name] / statistics["positive_count"][name].clamp(min=1),
-            negative[name] / statistics["negative_count"][name].clamp(min=1),
-        )
+        total = positive[name] + negative[name]
+        elected_positive = total >= 0 if votes >= 0 else total > 0  # a zero total takes the majority's sign
+        counts = torch.where(elected_positive, statistics["positive_count"][name], statistics["negative_count"][name])
+        merged[name] = torch.where(elected_positive, positive[name], negative[name]).div_(counts.clamp_(min=1))
     return merged
 
 
@@ -156,7 +157,7 @@ def magmax_update(statistics: Statistics, task_vector: Mapping[str, Tensor]) -> 
     largest = statistics.setdefault("largest", {})
     for name, tensor in task_vector.items():
         current = _running(largest, name, tensor)
-        largest[name] = torch.where(tensor.abs() >= current.abs(), tensor, current)
+        torch.where(tensor.abs() >= current.abs(), tensor, current, out=current)
     return statistics
 
 

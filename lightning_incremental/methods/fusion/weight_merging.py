@@ -267,8 +267,8 @@ class WeightMerging(ContinualCallback):
             merged = fisher_merge(fisher_update(self.statistics, tau, fisher, self.fisher_floor))
             self.fisher_at_task_start = {}
         del tau
-        for name, tensor in current.items():
-            tensor.copy_(self.base[name].add(merged[name], alpha=self.scale))
+        for name, tensor in current.items():  # the merge functions return new tensors: reuse them
+            tensor.copy_(merged[name].mul_(self.scale).add_(self.base[name]))
 
     def _task_fisher(self, trainer: Trainer, pl_module: LightningModule, tau: TensorDict) -> dict[str, Tensor]:
         """This task's diagonal Fisher per tensor: what EWC's importance gained since the task started.
@@ -289,10 +289,10 @@ class WeightMerging(ContinualCallback):
             elif name not in covered:
                 fisher[name] = torch.zeros_like(vector)
             else:
-                gained = ewc.importance[name].float()
-                if name in self.fisher_at_task_start:
-                    gained = gained - decay * self.fisher_at_task_start[name]
-                fisher[name] = gained.clamp(min=0)
+                before = self.fisher_at_task_start.get(name)
+                importance = ewc.importance[name].float()
+                gained = importance.clone() if before is None else torch.sub(importance, before, alpha=decay)
+                fisher[name] = gained.clamp_(min=0)
         return fisher
 
     def _ewc(self, trainer: Trainer) -> EWC:

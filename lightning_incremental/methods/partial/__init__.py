@@ -1,5 +1,6 @@
 """Partial training: a fixed part of the model and an updatable part."""
 
 from lightning_incremental.methods.partial.freeze import FreezeLayers
+from lightning_incremental.methods.partial.lora import LoRA, LowRankAdapters
 
-__all__ = ["FreezeLayers"]
+__all__ = ["FreezeLayers", "LoRA", "LowRankAdapters"]

@@ -1,7 +1,5 @@
 """A fixed part and an updatable part: freeze some of the model's parameters from a given task on."""
 
-import fnmatch
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,8 +8,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_incremental.core import ContinualCallback, task_of
-
-Pattern = str | re.Pattern[str]
+from lightning_incremental.methods.partial._selection import Pattern, as_patterns, matching
 
 
 class FreezeLayers(ContinualCallback):
@@ -98,8 +95,8 @@ class FreezeLayers(ContinualCallback):
         train_last: int = 0,
     ) -> None:
         super().__init__()
-        self.train = _patterns("train", train)
-        self.freeze = _patterns("freeze", freeze)
+        self.train = as_patterns("train", train)
+        self.freeze = as_patterns("freeze", freeze)
         self.freeze_modules = _module_types(freeze_modules)
         self.freeze_first = _count("freeze_first", freeze_first)
         self.train_last = _count("train_last", train_last)
@@ -152,11 +149,11 @@ class FreezeLayers(ContinualCallback):
             return {ids[id(p)] for name in names for p in module.get_submodule(name).parameters(recurse=False)}
 
         if self.train or self.train_last:
-            trained = _matching("train", self.train, named, model)
+            trained = matching("train", self.train, named, model)
             trained |= layer_params(layers[len(layers) - self.train_last :])
             selected = set(named) - trained
         else:
-            selected = _matching("freeze", self.freeze, named, model) | layer_params(layers[: self.freeze_first])
+            selected = matching("freeze", self.freeze, named, model) | layer_params(layers[: self.freeze_first])
             for kind in self.freeze_modules:
                 found = [m for m in module.modules() if isinstance(m, kind) and next(m.parameters(), None) is not None]
                 if not found:
@@ -260,21 +257,6 @@ class FreezeLayers(ContinualCallback):
         self._frozen, self._bn_modes = [], {}
 
 
-def _patterns(argument: str, patterns: Pattern | Sequence[Pattern] | None) -> tuple[Pattern, ...]:
-    if patterns is None:
-        return ()
-    if isinstance(patterns, str | re.Pattern):
-        patterns = [patterns]
-    patterns = tuple(patterns)
-    for pattern in patterns:
-        if not isinstance(pattern, str | re.Pattern):
-            raise TypeError(
-                f"`{argument}` takes name patterns: glob strings like 'net.0.*' or re.compile(...) patterns; "
-                f"got {pattern!r}."
-            )
-    return patterns
-
-
 def _module_types(types: type[nn.Module] | Sequence[type[nn.Module]]) -> tuple[type[nn.Module], ...]:
     types = (types,) if isinstance(types, type) else tuple(types)
     for kind in types:
@@ -287,22 +269,3 @@ def _count(argument: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"`{argument}` must be an integer >= 0, got {value!r}.")
     return value
-
-
-def _matching(argument: str, patterns: tuple[Pattern, ...], named: dict[str, Any], model: str) -> set[str]:
-    """The parameter names any of ``patterns`` matches; a pattern that matches none is an error."""
-    matched: set[str] = set()
-    for pattern in patterns:
-        hits = {
-            name
-            for name in named
-            if (pattern.fullmatch(name) if isinstance(pattern, re.Pattern) else fnmatch.fnmatchcase(name, pattern))
-        }
-        if not hits:
-            shown = ", ".join(list(named)[:8]) + (", …" if len(named) > 8 else "")
-            raise ValueError(
-                f"`{argument}` pattern {pattern.pattern if isinstance(pattern, re.Pattern) else pattern!r} matches "
-                f"no parameter of {model}; its parameter names are like: {shown}."
-            )
-        matched |= hits
-    return matched

@@ -1,7 +1,6 @@
 """Low-rank adapters (LoRA) as the updatable part: train rank-``r`` updates of chosen linear layers, freeze the rest."""
 
 import math
-import re
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
@@ -14,7 +13,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_incremental.core import ContinualCallback
 from lightning_incremental.methods.fusion.weight_merging import WeightMerging
-from lightning_incremental.methods.partial.freeze import Pattern, _matching, _patterns
+from lightning_incremental.methods.partial._selection import Pattern, as_patterns, matching
 from lightning_incremental.methods.regularization._quadratic import QuadraticPenalty
 
 Mode = Literal["merge", "per_task"]
@@ -190,7 +189,7 @@ class LoRA(ContinualCallback):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.target_modules = _patterns("target_modules", target_modules)
+        self.target_modules = as_patterns("target_modules", target_modules)
         self.module_types = _linear_types(module_types)
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"`rank` must be an integer >= 1 (the adapters' rank, e.g. 8), got {rank!r}.")
@@ -203,7 +202,7 @@ class LoRA(ContinualCallback):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"`seed` must be an integer, got {seed!r}.")
         self.rank, self.alpha, self.dropout, self.mode = rank, float(alpha), float(dropout), mode
-        self.train = _patterns("train", train)
+        self.train = as_patterns("train", train)
         self.seed = seed
         self.adapter_sets = 0  # sets of adapters in the model: 1 in "merge" mode, one per task so far in "per_task"
         self._trainer: Trainer | None = None  # the Trainer of the fit under way
@@ -233,16 +232,7 @@ class LoRA(ContinualCallback):
                 f"LoRA needs the layers to adapt: `target_modules=[...]` (name patterns) or `module_types=nn.Linear`; "
                 f"the linear layers of {model} are: {', '.join(candidates) or 'none'}."
             )
-        chosen: set[str] = set()
-        for pattern in self.target_modules:
-            try:
-                chosen |= _matching("target_modules", (pattern,), candidates, model)
-            except ValueError:
-                shown = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
-                raise ValueError(
-                    f"`target_modules` pattern {shown!r} matches no linear layer of {model} (patterns match whole "
-                    f"module names, e.g. '*.query'); its linear layers are: {', '.join(candidates) or 'none'}."
-                ) from None
+        chosen = matching("target_modules", self.target_modules, candidates, model, noun="linear layer")
         for kind in self.module_types:
             found = {name for name, layer in candidates.items() if isinstance(layer, kind)}
             if not found:
@@ -266,6 +256,11 @@ class LoRA(ContinualCallback):
             layer.register_forward_hook(_add_adapter_output)
         return names
 
+    def prepare_model(self, pl_module: nn.Module) -> None:
+        """Inject the adapters into a freshly built model, so weights saved with them load
+        (:func:`~lightning_incremental.load_task_checkpoint` calls it)."""
+        self.inject(pl_module)
+
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -275,8 +270,8 @@ class LoRA(ContinualCallback):
             raise RuntimeError(
                 f"LoRA trained adapters in {self.tasks_completed} task(s), but {type(pl_module).__name__} has none: "
                 "it lost them. Under ddp_spawn / ddp_fork call `lora.inject(model)` in the main process before the "
-                "first fit, so the adapters trained in the workers load back into it; in a new process, call it "
-                "before loading the weights (load_task_checkpoint)."
+                "first fit, so the adapters trained in the workers load back into it; in a new process, "
+                "`load_task_checkpoint` injects them before loading the weights."
             )
         if stage != "fit":
             return
@@ -352,7 +347,7 @@ class LoRA(ContinualCallback):
         trainable = {id(p) for _, adapters in own.values() for p in adapters[-1].parameters()}
         trainable |= {id(p) for p in _peft_trainable(pl_module)}
         named = dict(pl_module.named_parameters())
-        trainable |= {id(named[name]) for name in _matching("train", self.train, named, type(pl_module).__name__)}
+        trainable |= {id(named[name]) for name in matching("train", self.train, named, type(pl_module).__name__)}
         self._frozen = [p for p in named.values() if p.requires_grad and id(p) not in trainable]
         for p in self._frozen:
             p.requires_grad_(False)

@@ -94,6 +94,11 @@ class PrototypeHead(ClosedFormHead):
         model_interface: how to call the model on a batch and read its class labels; default: the model's
             ``continual_interface``, else :class:`~lightning_incremental.ModelInterface`'s defaults.
 
+    Attributes:
+        classifier: the :class:`CosinePrototypeClassifier` in the model (after the first ``setup``).
+        class_sums, class_counts: the statistics, float64 (``None`` before the first task ends);
+            :attr:`prototypes` is their quotient.
+
     Example::
 
         >>> import lightning as L

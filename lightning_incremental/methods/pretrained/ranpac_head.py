@@ -121,6 +121,13 @@ class RanPACHead(ClosedFormHead):
         model_interface: how to call the model on a batch and read its class labels; default: the model's
             ``continual_interface``, else :class:`~lightning_incremental.ModelInterface`'s defaults.
 
+    Attributes:
+        classifier: the :class:`RandomProjectionRidgeClassifier` in the model (after the first ``setup``).
+        chosen_ridge: the ``lambda`` of the last fit (``ridge`` when it is fixed).
+        validation_errors: the held-out mean squared error of every ``ridge_grid`` entry, at the last choice.
+        gram, targets_sum, gram_val, targets_val, val_rows, class_counts: the statistics, float64 (``None`` before
+            the first task ends; the held-out ones only when ``lambda`` is chosen).
+
     Example::
 
         >>> import lightning as L

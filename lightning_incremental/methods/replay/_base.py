@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from typing_extensions import override
@@ -64,7 +65,9 @@ class ReplayMethod(ContinualCallback):
     (task-free; with several epochs a row is offered once per epoch), ``"first_epoch"`` only the batches of
     a task's first epoch (every row once), ``"task_end"`` the whole task once more at its end, with the
     extras the final model gives (:meth:`extras_at_task_end`), in eval mode, without gradients, and without
-    touching the random streams the user's shuffling and dropout draw from.
+    touching the random streams the user's shuffling and dropout draw from. A first fit that replayed nothing
+    with ``fill="task_end"`` (a single task-free fit trains exactly as without replay) warns and names
+    ``fill="stream"``, unless its data come from a :class:`~lightning_incremental.scenarios.TaskStream`.
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class ReplayMethod(ContinualCallback):
         self._policy_decided = policy != "auto"  # "auto" becomes the buffer's policy at the first batch
         self._interface = self.model_interface or ModelInterface()
         self._checked = False  # this fit's first batch was checked against the policy
+        self._replayed = False  # rows were replayed in this fit
         self._world_size = 1  # the number of ranks the buffer is laid out for
 
     # ------------------------------------------------------------------ hooks
@@ -102,7 +106,7 @@ class ReplayMethod(ContinualCallback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         self._interface = interface_of(pl_module, self.model_interface)
-        self._checked = False
+        self._checked = self._replayed = False
         if trainer.world_size != self._world_size:  # a global buffer meets its first DDP fit
             self.buffer = self.buffer.share(trainer.global_rank, trainer.world_size, self.seed)
             self._world_size = trainer.world_size
@@ -119,6 +123,13 @@ class ReplayMethod(ContinualCallback):
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.fill != "task_end":
             return
+        if not self._replayed and self.tasks_completed == 0 and self.task is None:
+            rank_zero_warn(
+                f"{type(self).__name__} replayed nothing in this fit: with `fill='task_end'` it stores a task's rows "
+                "when its fit ends and replays them in the fits that follow, so this fit trained exactly as without "
+                f"it. For one task-free fit over a drifting stream, pass `{type(self).__name__}(fill='stream')` (with "
+                "`policy='reservoir'` for a plain reservoir). Fits of a TaskStream's data are tasks and never warn."
+            )
         loader = trainer.train_dataloader
         # the final model's view of the task: BatchNorm statistics and dropout frozen, the user's RNG untouched
         with (
@@ -165,6 +176,7 @@ class ReplayMethod(ContinualCallback):
         varies (token-level logits ``[k, T, V]``); fixed-shape extras have no mask.
         """
         sample = self.buffer.sample(k)
+        self._replayed = True
         batch = with_leaves(like, sample.rows)
         return (batch, sample.extras, sample.extra_masks) if masks else (batch, sample.extras)
 

@@ -14,25 +14,39 @@ from lightning_incremental.methods.replay._base import Fill, PolicyChoice, Repla
 class ExperienceReplay(ReplayMethod):
     r"""Train on every batch together with rows replayed from a buffer of earlier data.
 
-    The user's ``training_step`` receives its batch extended by replayed rows — same structure (a tuple
-    stays a tuple, a dict a dict), device and dtype — so its loss covers old and new data alike. The buffer
-    (``buffer_size`` rows on the model's device) fills from the whole task at its end (``fill="task_end"``,
-    each row offered once) or from the stream as it trains (``fill="stream"``, which works task-free).
+    The user's ``training_step`` receives its batch extended by ``replay_batch_size`` replayed rows — same
+    structure (a tuple stays a tuple, a dict a dict), device and dtype — so its loss covers old and new data
+    alike. Any model and batch style works: ``(x, y)`` tuples, dicts, Hugging Face-style dicts of
+    ``input_ids``, ``attention_mask`` and ``labels`` whose length varies from batch to batch (the current and
+    the replayed rows are padded to their common length, each entry with its own pad value), and any target.
 
-    Defaults (``buffer_size=200``, four replayed rows per current row, class-balanced, filled at task end)
-    are the best of the sweep in ``benchmarks/sweep_replay.py`` on the reference protocol (2 seeds): 0.932
-    on the class-incremental split and 0.887 on the permuted stream, against 0.893 / 0.869 for a reservoir
-    filled from the stream with one replayed row per current row. Over 3 seeds the defaults give 0.935 /
-    0.885; eight replayed rows per row give 0.930 / 0.891 for twice the rows per step, a task-balanced
-    buffer 0.932 / 0.882. For task-free streams use ``fill="stream", policy="reservoir"``.
+    **Policy.** ``policy="auto"`` keeps the buffer class-balanced when the targets are one integer class label
+    per row, and a reservoir otherwise (real-valued regression targets, multi-label targets, token labels);
+    the choice is made at the first batch and kept in the checkpoint.
+
+    **Fill.** By default each task's rows are offered once, at its end (``fill="task_end"``), and replayed in
+    the tasks that follow: the setting the sweep in ``benchmarks/sweep_replay.py`` favours on the reference
+    protocol, ahead of filling from the stream as it trains (numbers in ``benchmarks/RESULTS.md``). A single
+    task-free fit therefore replays nothing with the defaults, and the first fit says so when its data do not
+    come from a :class:`~lightning_incremental.scenarios.TaskStream`: pass ``fill="stream"`` there.
 
     Args:
         buffer_size: rows the buffer holds (over all DDP ranks).
-        replay_batch_size: rows replayed per step; default ``ratio`` times the current batch size.
+        replay_batch_size: rows replayed per step (the name every replay method uses for it); default ``ratio``
+            times the current batch size.
         ratio: replayed rows per current row when ``replay_batch_size`` is not given.
-        policy: ``"reservoir"``, ``"class_balanced"`` or ``"task_balanced"``.
-        fill: when rows enter the buffer: ``"stream"``, ``"first_epoch"`` (every row once) or ``"task_end"``.
+        policy: ``"auto"``, ``"reservoir"``, ``"class_balanced"`` (refused at the first step when the targets
+            are not one class label per row) or ``"task_balanced"`` (the task labels of ``(x, y, t)`` batches,
+            else the task index).
+        fill: when rows enter the buffer: ``"task_end"``, ``"stream"`` (task-free) or ``"first_epoch"`` (every
+            row once, as it is trained on).
         seed: seed of the buffer's sampling.
+        model_interface: how the targets are read from a batch
+            (:class:`~lightning_incremental.ModelInterface`); default the model's ``continual_interface``, else
+            the standard reading.
+        pad_values: the pad value of sequence entries by batch key, over the inferred ones (-100 for integer
+            labels, for ``input_ids`` the id they hold where ``attention_mask`` is 0, else 0), e.g.
+            ``{"input_ids": 1}``.
 
     Example::
 

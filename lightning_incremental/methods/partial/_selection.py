@@ -1,0 +1,54 @@
+"""Choosing parts of a model by name: glob strings or compiled regular expressions (FreezeLayers, LoRA)."""
+
+import fnmatch
+import re
+from collections.abc import Sequence
+from typing import Any
+
+Pattern = str | re.Pattern[str]
+
+
+def as_patterns(argument: str, patterns: Pattern | Sequence[Pattern] | None) -> tuple[Pattern, ...]:
+    """``patterns`` as a tuple, checked: each a glob string (``"net.0.*"``) or a compiled ``re`` pattern.
+
+    >>> as_patterns("x", "net.*")
+    ('net.*',)
+    """
+    if patterns is None:
+        return ()
+    if isinstance(patterns, str | re.Pattern):
+        patterns = [patterns]
+    patterns = tuple(patterns)
+    for pattern in patterns:
+        if not isinstance(pattern, str | re.Pattern):
+            raise TypeError(
+                f"`{argument}` takes name patterns: glob strings like 'net.0.*' or re.compile(...) patterns; "
+                f"got {pattern!r}."
+            )
+    return patterns
+
+
+def matching(
+    argument: str, patterns: tuple[Pattern, ...], named: dict[str, Any], model: str, noun: str = "parameter"
+) -> set[str]:
+    """The names any of ``patterns`` matches (a glob with :func:`fnmatch.fnmatchcase`, a regex in full); a pattern
+    that matches none is an error that lists the names (``noun`` says what they name).
+
+    >>> sorted(matching("train", ("net.2.*",), {"net.0.weight": 0, "net.2.weight": 0, "net.2.bias": 0}, "MLP"))
+    ['net.2.bias', 'net.2.weight']
+    """
+    matched: set[str] = set()
+    for pattern in patterns:
+        hits = {
+            name
+            for name in named
+            if (pattern.fullmatch(name) if isinstance(pattern, re.Pattern) else fnmatch.fnmatchcase(name, pattern))
+        }
+        if not hits:
+            shown = ", ".join(list(named)[:8]) + (", …" if len(named) > 8 else "")
+            raise ValueError(
+                f"`{argument}` pattern {pattern.pattern if isinstance(pattern, re.Pattern) else pattern!r} matches "
+                f"no {noun} of {model}; its {noun} names are like: {shown or 'none'}."
+            )
+        matched |= hits
+    return matched
