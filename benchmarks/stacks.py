@@ -27,7 +27,16 @@ GRID: Grid = {
         ("DER++", lambda: [DER(alpha=0.3, beta=1.0)]),
         ("DER++ + LwF", lambda: [DER(alpha=0.3, beta=1.0), LwF()]),
         ("LwF + EWC", lambda: [LwF(), EWC()]),
+    ],
+    # beside replay, which already holds the old tasks, the solo defaults of LwF and EWC cost plasticity:
+    # the weights a stack needs are smaller
+    "stack weights": [
+        (f"ER + LwF({alpha}) + EWC({lam})", lambda alpha=alpha, lam=lam: [ExperienceReplay(), LwF(alpha), EWC(lam)])
+        for alpha in (0.1, 0.3)
+        for lam in (3.0, 30.0)
     ]
+    + [(f"ER + EWC({lam})", lambda lam=lam: [ExperienceReplay(), EWC(lam)]) for lam in (3.0, 30.0)]
+    + [(f"ER + LwF({alpha})", lambda alpha=alpha: [ExperienceReplay(), LwF(alpha)]) for alpha in (0.1, 0.3)],
 }
 
 if __name__ == "__main__":

@@ -76,10 +76,11 @@ def test_exemplars_per_class_are_buffer_size_over_classes_seen_and_shrink_by_her
             assert all((inputs == row).all(dim=1).any() for row in rows[0])  # real training rows, in their dtype
             assert rows[0].dtype == inputs.dtype
         # the replay buffer holds exactly these rows, each with its class and its place in the herding order
-        assert len(icarl.buffer) == sum(counts[-1].values())
-        groups, positions = icarl.buffer.groups[: len(icarl.buffer)], icarl.buffer.extras["position"]
+        size = len(icarl.buffer)
+        assert size == sum(counts[-1].values())
+        groups, positions = icarl.buffer.groups[:size], icarl.buffer.extras["position"][:size]
         for c, n in counts[-1].items():
-            assert sorted(positions[: len(icarl.buffer)][groups == c].tolist()) == list(range(n))
+            assert sorted(positions[groups == c].tolist()) == list(range(n))
     assert counts == [{0: 10, 1: 10}, dict.fromkeys(range(4), 5), dict.fromkeys(range(6), 3)]  # 20 // 6 = 3
     for before, after in itertools.pairwise(snapshots):
         for c, rows in after.items():
@@ -87,6 +88,23 @@ def test_exemplars_per_class_are_buffer_size_over_classes_seen_and_shrink_by_her
                 torch.testing.assert_close(rows, before[c][: len(rows)], atol=0, rtol=0)
     assert tuple(icarl.class_means.shape) == (6, 16)
     torch.testing.assert_close(icarl.class_means.norm(dim=1), torch.ones(6))
+
+
+def test_a_class_seen_again_is_herded_anew_over_its_exemplars_and_its_new_rows(permuted_stream):
+    L.seed_everything(0, verbose=False)
+    model, icarl = MLPClassifier(16, 4, hidden=(16,), lr=1e-2), ICaRL(buffer_size=20)  # 4 classes: 5 each
+    _fit_tasks(model, icarl, [permuted_stream[0]])
+    before = [rows[0].clone() for rows in icarl.exemplars]
+    _fit_tasks(model, icarl, [permuted_stream[1]])  # the same 4 classes again, permuted
+    task = permuted_stream[1].train
+    inputs, labels = torch.stack([task[i][0] for i in range(len(task))]), task.targets
+    model.eval()
+    for c, rows in zip(icarl.classes, icarl.exemplars, strict=True):
+        candidates = torch.cat([before[c], inputs[labels == c]])  # its exemplars (in herding order), then new rows
+        with torch.no_grad():
+            features = F.normalize(model.net[:-1](candidates), dim=1)  # the input of the last Linear
+        torch.testing.assert_close(rows[0], candidates[herding(features, 5)], atol=0, rtol=0)
+        assert rows[1].tolist() == [c] * 5
 
 
 def test_training_step_sees_replayed_exemplars_and_pays_the_distillation_on_old_classes(split_stream):

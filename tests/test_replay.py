@@ -267,6 +267,8 @@ def test_ddp_ranks_hold_shares_of_one_global_buffer_and_the_checkpoint_holds_all
         (lambda: ExperienceReplay(fill="later"), "fill"),
         (lambda: ExperienceReplay(ratio=0), "ratio"),
         (lambda: ExperienceReplay(replay_batch_size=0), "replay_batch_size"),
+        (lambda: ExperienceReplay(pad_values={"input_ids": "one"}), "pad_values"),
+        (lambda: ExperienceReplay(pad_values=[1]), "pad_values"),
         (lambda: DER(alpha=-1.0), "alpha"),
         (lambda: DER(beta=-0.1), "beta"),
         (lambda: AGEM(replay_batch_size=0), "replay_batch_size"),
@@ -275,6 +277,15 @@ def test_ddp_ranks_hold_shares_of_one_global_buffer_and_the_checkpoint_holds_all
 def test_bad_arguments_name_the_argument(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_a_checkpoint_of_another_policy_is_refused_unless_the_policy_is_auto():
+    saved = ExperienceReplay(policy="reservoir").state_dict()
+    with pytest.raises(ValueError, match=r"saved buffer used policy='reservoir'.*`policy='class_balanced'`"):
+        ExperienceReplay(policy="class_balanced").load_state_dict(saved)
+    restored = ExperienceReplay(policy="auto")
+    restored.load_state_dict(saved)
+    assert restored.buffer.policy == "reservoir"
 
 
 def test_a_balanced_policy_on_unlabelled_batches_says_it_needs_labels(split_stream):
@@ -528,7 +539,7 @@ def test_the_task_end_fill_leaves_the_users_shuffles_as_they_were(own_generator,
     for name in ("naive", "replay"):
         L.seed_everything(0, verbose=False)
         generator = torch.Generator().manual_seed(1) if own_generator else None
-        loader = torch.utils.data.DataLoader(split_stream[0].train, batch_size=8, shuffle=True, generator=generator)
+        loader = torch.utils.data.DataLoader(split_stream[0].train, batch_size=16, shuffle=True, generator=generator)
         order, model = _Order(), tiny_model(split_stream)
         callbacks = [ExperienceReplay(buffer_size=10, fill="task_end")] if name == "replay" else []
         for _ in range(2):
@@ -553,7 +564,7 @@ def test_a_single_task_free_fit_with_the_defaults_trains_as_fine_tuning_and_says
         model = tiny_model(split_stream)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            trainer(1, build()).fit(model, torch.utils.data.DataLoader(stream, batch_size=8))
+            trainer(1, build()).fit(model, torch.utils.data.DataLoader(stream, batch_size=16))
         weights[name] = torch.cat([p.detach().flatten() for p in model.parameters()])
         said[name] = _said_nothing_replayed(caught)
     assert torch.equal(weights["defaults"], weights["naive"])  # the rows sat unused in the buffer ...

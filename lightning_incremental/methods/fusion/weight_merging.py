@@ -74,16 +74,16 @@ class WeightMerging(ContinualCallback):
     weights are trimmed or dropped. The pure math is in :mod:`lightning_incremental.methods.fusion.functional`.
 
     Because every task starts from the merged model, ``tau_t`` contains what the earlier tasks contributed.
-    The averaging merges (``ties``, ``magmax``, ``fisher``) keep the merged model within the range of the
-    task vectors, but a sum does not: with ``"task_arithmetic"`` and ``"dare"`` a task that changes nothing
-    gives ``tau_t = scale * sum_{s<t} tau_s``, so the distance to ``theta_0`` grows like ``(1 + scale)^t``
-    over a long stream. Use a small ``scale`` (about ``1 / number of tasks``) with them.
+    The averaging merges (``ties``, ``magmax``, ``fisher``) with ``scale <= 1`` keep the merged model within
+    the range of the task vectors, but a sum does not: with ``"task_arithmetic"`` and ``"dare"`` a task that
+    changes nothing gives ``tau_t = scale * sum_{s<t} tau_s``, so the distance to ``theta_0`` grows like
+    ``(1 + scale)^t`` over a long stream. Use a small ``scale`` (about ``1 / number of tasks``) with them.
 
     **Memory** does not depend on the number of tasks in any mode. In copies of the model's floating-point
     tensors (in fp32) held between tasks: ``interpolate`` none (one during a task), ``average`` one,
     ``task_arithmetic``, ``dare`` and ``magmax`` two (``theta_0`` and the running sum or largest-magnitude
     tensor), ``ties`` five (``theta_0``, the sums of the positive and of the negative trimmed entries and
-    their int32 counts), ``fisher`` three (``theta_0``, ``sum F tau``, ``sum F``) plus one during a task
+    their counts), ``fisher`` three (``theta_0``, ``sum F tau``, ``sum F``) plus one during a task
     (EWC's importance at the task start, whose growth gives the task's Fisher), beside EWC's own two. A merge
     needs up to three more copies while it runs. The cost of a merge on a real model is measured by
     ``benchmarks/merge_cost.py`` (numbers in ``benchmarks/RESULTS.md``).
@@ -95,9 +95,9 @@ class WeightMerging(ContinualCallback):
     tensor names and shapes from task to task (a classifier that grows is refused).
 
     **State.** Everything a merge needs (the copy of the weights, the running statistics, the DARE
-    generator's state) is in ``state_dict`` as fp32 CPU tensors, so a fit resumed mid-task merges exactly as
-    the uninterrupted one. Under DDP every rank holds the same weights (and EWC the same Fisher), so every
-    rank computes the same merge.
+    generator's state) is in ``state_dict`` as CPU tensors (weights and statistics in fp32), so a fit resumed
+    mid-task merges exactly as the uninterrupted one. Under DDP every rank holds the same weights (and EWC the
+    same Fisher), so every rank computes the same merge.
 
     For an average of the weights *during* a task (EMA, SWA), use Lightning's own
     ``lightning.pytorch.callbacks.EMAWeightAveraging`` or its base ``WeightAveraging`` (or
@@ -268,7 +268,7 @@ class WeightMerging(ContinualCallback):
             self.fisher_at_task_start = {}
         del tau
         for name, tensor in current.items():  # the merge functions return new tensors: reuse them
-            tensor.copy_(merged[name].mul_(self.scale).add_(self.base[name]))
+            tensor.copy_(torch.add(self.base[name], merged[name], alpha=self.scale, out=merged[name]))
 
     def _task_fisher(self, trainer: Trainer, pl_module: LightningModule, tau: TensorDict) -> dict[str, Tensor]:
         """This task's diagonal Fisher per tensor: what EWC's importance gained since the task started.

@@ -7,7 +7,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from lightning_incremental.buffers import PadValue
-from lightning_incremental.core import ModelInterface, StepFn, batch_size_of
+from lightning_incremental.core import ModelInterface, Step, batch_size_of
 from lightning_incremental.methods.replay._base import Fill, PolicyChoice, ReplayMethod
 
 
@@ -59,8 +59,8 @@ class ExperienceReplay(ReplayMethod):
         ...     trainer = L.Trainer(max_epochs=1, callbacks=[replay], logger=False, enable_progress_bar=False,
         ...                         enable_checkpointing=False, enable_model_summary=False)
         ...     trainer.fit(model, task.train_dataloader(batch_size=16))
-        >>> len(replay.buffer), sorted(set(replay.buffer.storage[1].tolist()))
-        (50, [0, 1, 2, 3])
+        >>> len(replay.buffer), replay.buffer.policy, sorted(set(replay.buffer.storage[1].tolist()))
+        (50, 'class_balanced', [0, 1, 2, 3])
     """
 
     def __init__(
@@ -81,7 +81,7 @@ class ExperienceReplay(ReplayMethod):
             raise ValueError(f"`ratio` must be > 0, got {ratio}.")
         self.replay_batch_size, self.ratio = replay_batch_size, float(ratio)
 
-    def wrap_training_step(self, trainer: Trainer, pl_module: LightningModule, batch: Any, step: StepFn) -> STEP_OUTPUT:
+    def wrap_training_step(self, trainer: Trainer, pl_module: LightningModule, batch: Any, step: Step) -> STEP_OUTPUT:
         extended = batch
         if len(self.buffer):
             k = self.replay_batch_size or max(1, round(self.ratio * batch_size_of(batch)))

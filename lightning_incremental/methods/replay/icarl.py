@@ -343,11 +343,10 @@ def _check_class_labels(interface: ModelInterface, batch: Any) -> None:
             f"ICaRL keeps exemplars per class and needs the class label of every row. {error.args[0]}"
         ) from error
     if not _are_class_labels(targets):
-        kind = "real-valued or multi-hot" if targets.is_floating_point() else "several labels per row"
         raise ValueError(
             f"ICaRL needs one integer class label per row (it keeps exemplars per class and classifies by the "
-            f"nearest class mean), but the targets are {targets.dtype} of shape {list(targets.shape)} ({kind}: "
-            "regression, multi-label or token-level targets). For such targets use ExperienceReplay or DER, which "
+            f"nearest class mean), but the targets are {targets.dtype} of shape {list(targets.shape)}: regression, "
+            "multi-label or token-level targets. For such targets use ExperienceReplay or DER, which "
             "serve any target, with LwF for distillation. If these are class indices stored as floats, return them "
             "as integers from the dataset (`y.long()`); if the class labels are another entry of the batch, name "
             "it with `model_interface=ModelInterface(target_key=...)`."
