@@ -158,8 +158,8 @@ def test_every_method_on_dict_batches_of_varying_length(name, setting, text_stre
 
 
 def test_replay_beats_naive_fine_tuning_on_the_text_stream_by_twenty_points(text_stream):
-    _, naive = _fit_text([], text_stream)
-    _, replay = _fit_text([ExperienceReplay(buffer_size=100)], text_stream)
+    _, naive = _fit_text([], text_stream, epochs=8)
+    _, replay = _fit_text([ExperienceReplay(buffer_size=100)], text_stream, epochs=8)
     learnt = [naive.result().matrix[t][t] for t in range(5)]
     assert min(learnt) >= 0.9, f"the tiny model must learn each task: {learnt}"
     assert replay.result().summary()["acc"] >= naive.result().summary()["acc"] + 0.20

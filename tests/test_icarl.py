@@ -79,8 +79,9 @@ def test_exemplars_per_class_are_buffer_size_over_classes_seen_and_shrink_by_her
         size = len(icarl.buffer)
         assert size == sum(counts[-1].values())
         groups, positions = icarl.buffer.groups[:size], icarl.buffer.extras["position"][:size]
+        assert groups.tolist() == sorted(groups.tolist())  # class after class, each in herding order
         for c, n in counts[-1].items():
-            assert sorted(positions[groups == c].tolist()) == list(range(n))
+            assert positions[groups == c].tolist() == list(range(n))
     assert counts == [{0: 10, 1: 10}, dict.fromkeys(range(4), 5), dict.fromkeys(range(6), 3)]  # 20 // 6 = 3
     for before, after in itertools.pairwise(snapshots):
         for c, rows in after.items():
@@ -287,6 +288,7 @@ def test_under_ddp_the_exemplars_are_one_global_buffer_of_which_each_rank_holds_
     assert [int((labels == c).sum()) for c in range(4)] == [5, 5, 5, 5]
     rows = whole.storage[0][: len(whole)]
     assert sum(map(len, rank0["local"])) == sum(map(len, rank1["local"])) == 10  # each rank holds half
-    for c in range(4):  # between them the ranks hold every exemplar of every class once
+    for c in range(4):  # between them the ranks hold every exemplar of every class once, each about half
         held = torch.cat([rank0["local"][c], rank1["local"][c]])
         assert sorted(map(tuple, held.tolist())) == sorted(map(tuple, rows[labels == c].tolist()))
+        assert sorted([len(rank0["local"][c]), len(rank1["local"][c])]) == [2, 3]

@@ -1,6 +1,6 @@
 """Averaged Gradient Episodic Memory, A-GEM (Chaudhry et al., 2019)."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -8,9 +8,9 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor
 
-from lightning_incremental.buffers import Policy
-from lightning_incremental.core import ModelInterface, Step, StepChain, check_interface_argument
-from lightning_incremental.methods.replay._base import Fill, ReplayMethod
+from lightning_incremental.buffers import PadValue
+from lightning_incremental.core import ModelInterface, Step, StepChain
+from lightning_incremental.methods.replay._base import Fill, PolicyChoice, ReplayMethod
 
 LossFn = Callable[[LightningModule, Any], Tensor]
 
@@ -52,6 +52,8 @@ class AGEM(ReplayMethod):
         seed: seed of the buffer's sampling.
         model_interface: how to read the targets of a batch (for the buffer's policy); default: the model's
             ``continual_interface``, else :class:`~lightning_incremental.ModelInterface`'s defaults.
+        pad_values: the pad value of sequence entries whose length varies, by key (inferred by default:
+            -100 for integer labels, the data's pad id for ``input_ids``, 0 otherwise).
 
     Example::
 
@@ -73,12 +75,13 @@ class AGEM(ReplayMethod):
         buffer_size: int = 200,
         replay_batch_size: int = 64,
         loss_fn: LossFn | None = None,
-        policy: Policy = "reservoir",
+        policy: PolicyChoice = "reservoir",
         fill: Fill = "task_end",
         seed: int = 0,
         model_interface: ModelInterface | None = None,
+        pad_values: Mapping[str, PadValue] | None = None,
     ) -> None:
-        super().__init__(buffer_size, policy, fill, seed)
+        super().__init__(buffer_size, policy, fill, seed, model_interface, pad_values)
         if replay_batch_size < 1:
             raise ValueError(f"`replay_batch_size` must be a positive integer, got {replay_batch_size}.")
         if loss_fn is not None and not callable(loss_fn):
@@ -87,7 +90,6 @@ class AGEM(ReplayMethod):
             )
         self.replay_batch_size = replay_batch_size
         self.loss_fn = loss_fn
-        self.model_interface = check_interface_argument(model_interface)
         self.projections = 0  # steps whose gradient was projected (read on the host only at task end)
         self._projected = torch.zeros((), dtype=torch.long)
         self._template: Any = None

@@ -1,5 +1,6 @@
 """Dark Experience Replay, DER and DER++ (Buzzega et al., 2020)."""
 
+from collections.abc import Mapping
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
@@ -7,16 +8,15 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_incremental.buffers import Policy
+from lightning_incremental.buffers import PadValue
 from lightning_incremental.core import (
     ModelInterface,
     Step,
     add_to_loss,
     batch_size_of,
-    check_interface_argument,
     interface_of,
 )
-from lightning_incremental.methods.replay._base import Fill, ReplayMethod
+from lightning_incremental.methods.replay._base import Fill, PolicyChoice, ReplayMethod
 
 
 class DER(ReplayMethod):
@@ -72,12 +72,13 @@ class DER(ReplayMethod):
         beta: float = 0.0,
         replay_batch_size: int | None = None,
         logits_module: str | nn.Module | None = None,
-        policy: Policy = "reservoir",
+        policy: PolicyChoice = "reservoir",
         fill: Fill = "stream",
         seed: int = 0,
         model_interface: ModelInterface | None = None,
+        pad_values: Mapping[str, PadValue] | None = None,
     ) -> None:
-        super().__init__(buffer_size, policy, fill, seed)
+        super().__init__(buffer_size, policy, fill, seed, model_interface, pad_values)
         for name, value in (("alpha", alpha), ("beta", beta)):
             if not value >= 0:
                 raise ValueError(f"`{name}` must be >= 0, got {value}.")
@@ -87,7 +88,6 @@ class DER(ReplayMethod):
             raise TypeError(f"`logits_module` must be a submodule name, a submodule or None, got {logits_module!r}.")
         self.alpha, self.beta, self.replay_batch_size = float(alpha), float(beta), replay_batch_size
         self.logits_module = logits_module
-        self.model_interface = check_interface_argument(model_interface)
 
     def wrap_training_step(self, trainer: Trainer, pl_module: LightningModule, batch: Any, step: Step) -> STEP_OUTPUT:
         output = step(batch)
@@ -97,10 +97,10 @@ class DER(ReplayMethod):
         k = self.replay_batch_size or batch_size_of(batch)
         terms = []
         if len(self.buffer) and self.alpha > 0:
-            replayed, extras = self.replay(batch, k)
+            replayed, extras, masks = self.replay(batch, k, masks=True)
             stored = extras["logits"]
-            logits = interface.predict(pl_module, replayed)[..., : stored.shape[-1]]
-            terms.append(self.alpha * F.mse_loss(logits.float(), stored))
+            logits = interface.predict(pl_module, replayed)[..., : stored.shape[-1]].float()
+            terms.append(self.alpha * _masked_mse(logits, stored, masks.get("logits")))
         if len(self.buffer) and self.beta > 0:
             replayed, _ = self.replay(batch, k)
             label_loss = step.user_loss(replayed)
@@ -112,3 +112,17 @@ class DER(ReplayMethod):
 
     def extras_at_task_end(self, pl_module: LightningModule, batch: Any) -> dict[str, Tensor]:
         return {"logits": interface_of(pl_module, self.model_interface).predict(pl_module, batch).float()}
+
+
+def _masked_mse(logits: Tensor, stored: Tensor, mask: Tensor | None) -> Tensor:
+    """The mean squared error of ``logits`` to the ``stored`` ones over the positions ``mask`` marks (token-level
+    logits of rows of different lengths come back padded), without a host sync.
+
+    >>> _masked_mse(torch.ones(1, 3, 2), torch.zeros(1, 3, 2), torch.tensor([[True, True, False]])).item()
+    1.0
+    """
+    if mask is None:
+        return F.mse_loss(logits, stored)
+    logits = logits[:, : stored.shape[1]]
+    weight = mask.unsqueeze(-1).to(logits.dtype)
+    return ((logits - stored).square() * weight).sum() / (weight.sum() * stored.shape[-1]).clamp_min(1)

@@ -290,10 +290,11 @@ class ICaRL(ReplayMethod):
         kept: list[tuple[Tensor, Tensor]],
         picked: list[tuple[Tensor, Tensor]],
     ) -> None:
-        """A new global buffer of the kept and the newly picked exemplars, each with its herding position; each
-        rank keeps its share, and the sampler's generator goes on where it was."""
+        """A new global buffer of the kept and the newly picked exemplars, each with its herding position, laid
+        out class after class in herding order (so every rank's share holds every class); each rank keeps its
+        share, and the sampler's generator goes on where it was."""
         generator = self.buffer.generator.get_state()
-        self.buffer = ReplayBuffer(self.buffer_size, "class_balanced", self.seed)
+        self.buffer = ReplayBuffer(self.buffer_size, "class_balanced", self.seed)  # the picks, in any order
         slots, positions = (torch.cat(parts) for parts in zip(*kept, strict=True))
         if len(slots):
             self.insert(with_leaves(like, _rows_at(memory, slots)), {"position": positions.to(device)})
@@ -306,6 +307,11 @@ class ICaRL(ReplayMethod):
                 batch = index_batch(move_data_to_device(batch, device), rows[hit] - offset)
                 self.insert(batch, {"position": positions[hit].to(device)})
             offset += n
+        staging, self.buffer = self.buffer, ReplayBuffer(self.buffer_size, "class_balanced", self.seed)
+        for c in self.classes:
+            slots = _class_slots(staging, c)
+            position = staging.extras["position"][slots.to(device)]
+            self.buffer.add(_rows_at(staging, slots), staging.groups[slots], {"position": position}, staging.pad_values)
         if trainer.world_size > 1:
             self.buffer = self.buffer.share(trainer.global_rank, trainer.world_size, self.seed)
         self.buffer.generator.set_state(generator)
