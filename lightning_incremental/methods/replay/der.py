@@ -118,6 +118,7 @@ def _masked_mse(logits: Tensor, stored: Tensor, mask: Tensor | None) -> Tensor:
     """The mean squared error of ``logits`` to the ``stored`` ones over the positions ``mask`` marks (token-level
     logits of rows of different lengths come back padded), without a host sync.
 
+    >>> import torch
     >>> _masked_mse(torch.ones(1, 3, 2), torch.zeros(1, 3, 2), torch.tensor([[True, True, False]])).item()
     1.0
     """
