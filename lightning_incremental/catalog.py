@@ -9,10 +9,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lightning.pytorch import Callback
+from torch import nn
 
 from lightning_incremental.methods.distillation.lwf import LwF
 from lightning_incremental.methods.fusion.weight_merging import WeightMerging
 from lightning_incremental.methods.partial.freeze import FreezeLayers
+from lightning_incremental.methods.partial.lora import LoRA
 from lightning_incremental.methods.pretrained.prototype_head import PrototypeHead
 from lightning_incremental.methods.pretrained.ranpac_head import RanPACHead
 from lightning_incremental.methods.regularization.ewc import EWC
@@ -54,12 +56,17 @@ METHODS: list[MethodSpec] = [
         lambda: [],
         cumulative=True,
     ),
-    MethodSpec("ewc", "regularization", "Elastic Weight Consolidation: Fisher-weighted penalty.", lambda: [EWC()]),
     MethodSpec(
-        "online_ewc",
+        "ewc",
         "regularization",
-        "Online EWC: one decayed Fisher, anchored at the last task.",
-        lambda: [EWC(mode="online", decay=0.9)],
+        "EWC (online, the default): a decayed Fisher, anchored at the last task.",
+        lambda: [EWC()],
+    ),
+    MethodSpec(
+        "ewc_separate",
+        "regularization",
+        "EWC with one Fisher-weighted penalty per past task (summed).",
+        lambda: [EWC(mode="separate")],
     ),
     MethodSpec("si", "regularization", "Synaptic Intelligence: path-integral importance.", lambda: [SI()]),
     MethodSpec("mas", "regularization", "Memory Aware Synapses: output-sensitivity importance.", lambda: [MAS()]),
@@ -75,6 +82,12 @@ METHODS: list[MethodSpec] = [
         "replay",
         "iCaRL: 200 herding exemplars, distillation, nearest-mean-of-exemplars prediction.",
         lambda: [ICaRL()],
+    ),
+    MethodSpec(
+        "replay_lwf_ewc",
+        "stack",
+        "Experience replay with LwF and EWC beside it, at the weights a stack needs (alpha 0.1, lambda 3).",
+        lambda: [ExperienceReplay(), LwF(alpha=0.1), EWC(lambda_=3.0)],
     ),
     MethodSpec("lwf", "distillation", "Learning without Forgetting: distil the last model's outputs.", lambda: [LwF()]),
     MethodSpec(
@@ -96,10 +109,34 @@ METHODS: list[MethodSpec] = [
         lambda: [FreezeLayers(train_last=1, from_task=1), PrototypeHead()],
     ),
     MethodSpec(
+        "lora",
+        "partial",
+        "Low-rank adapters on every linear layer, merged into the weights at each task end (for pretrained models).",
+        lambda: [LoRA(module_types=nn.Linear)],
+    ),
+    MethodSpec(
         "merge",
         "fusion",
         "Weight merging: interpolate halfway between the weights before and after each task.",
         lambda: [WeightMerging()],
+    ),
+    MethodSpec(
+        "task_arithmetic",
+        "fusion",
+        "Task arithmetic: the base weights plus 0.3 x the sum of the task vectors.",
+        lambda: [WeightMerging(mode="task_arithmetic", scale=0.3)],
+    ),
+    MethodSpec(
+        "dare",
+        "fusion",
+        "DARE: drop 30% of each task vector (seeded), rescale, add 0.2 x the sum.",
+        lambda: [WeightMerging(mode="dare", scale=0.2, drop_prob=0.3)],
+    ),
+    MethodSpec(
+        "fisher_merge",
+        "fusion",
+        "Fisher merging: the Fisher-weighted mean of the task vectors, with EWC's Fisher (no penalty).",
+        lambda: [EWC(lambda_=0.0), WeightMerging(mode="fisher")],
     ),
 ]
 

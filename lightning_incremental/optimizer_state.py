@@ -263,7 +263,7 @@ class KeepOptimizerState(ContinualCallback):
                 continue
             old_shape = torch.Size(kept[name]["shape"])
             if not is_growth(old_shape, p.shape):
-                renamed = f" (the parameter {name!r} was)" if names[id(p)] != name else ""
+                renamed = f" (named {name!r} in the last task)" if names[id(p)] != name else ""
                 raise ValueError(
                     f"Parameter {names[id(p)]!r}{renamed} had shape {tuple(old_shape)} at the end of the last task and "
                     f"has {tuple(p.shape)} now: KeepOptimizerState carries state only to the same or a grown shape. "

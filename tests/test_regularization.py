@@ -103,7 +103,7 @@ def test_the_penalty_changes_training_and_is_logged(split_stream, tmp_path):
 
 
 def test_separate_ewc_keeps_one_quadratic_with_the_summed_penalty_gradient(split_stream):
-    ewc = EWC(lambda_=1.0)
+    ewc = EWC(lambda_=1.0, mode="separate")
     model = MLPClassifier(16, 6, hidden=(32,))
     anchors, fishers, total = [], [], {}
     for task in split_stream:

@@ -106,11 +106,11 @@ class ICaRL(ReplayMethod):
         logits_module: the submodule whose output is the logits (name or module); found by default.
         feature_module: the layer whose input is the features (name or module); by default the innermost
             module that produces the logits, e.g. the last ``Linear``.
+        seed: seed of the exemplar sampling.
         model_interface: how to read the model's outputs and targets; default: the model's
             ``continual_interface``, else :class:`~lightning_incremental.ModelInterface`'s defaults.
         pad_values: the pad value of batch entries whose length varies (``{"input_ids": 1}``); inferred by
             default (see :class:`~lightning_incremental.ExperienceReplay`).
-        seed: seed of the exemplar sampling.
 
     Example::
 
@@ -143,9 +143,9 @@ class ICaRL(ReplayMethod):
         ratio: float = 4.0,
         logits_module: str | nn.Module | None = None,
         feature_module: str | nn.Module | None = None,
+        seed: int = 0,
         model_interface: ModelInterface | None = None,
         pad_values: Mapping[str, PadValue] | None = None,
-        seed: int = 0,
     ) -> None:
         if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 1:
             raise ValueError(f"`buffer_size` must be a positive integer (the exemplars kept), got {buffer_size!r}.")
