@@ -85,7 +85,7 @@ def test_hook_gradient_equals_the_penalty_in_the_loss_under_ddp(split_stream, tm
 
 
 def test_the_penalty_changes_training_and_is_logged(split_stream, tmp_path):
-    ewc = EWC(lambda_=50.0)
+    ewc = EWC(lambda_=50.0, mode="separate")  # its anchor after the task still holds the first task's weights
     model = SGDClassifier(16, 6, hidden=(32,))
     trainer(1, [ewc]).fit(model, train_loader(split_stream[0]))
     logger = CSVLogger(tmp_path, name="ewc")
