@@ -390,7 +390,7 @@ class ContinualEvaluation(ContinualCallback):
                 self.predict(pl_module, batch) if self.predict is not None else interface.predict(pl_module, batch)
             )
         if predictions.is_floating_point():
-            predictions = predictions.float()
+            predictions = _grown_to(predictions.float(), targets, self.stream.num_classes)
         if self.task_incremental:
             predictions = _mask_to_classes(predictions, targets, task)
         return _aligned(predictions, targets), targets
@@ -441,6 +441,20 @@ def _directions(collection: MetricCollection) -> dict[str, bool]:
             )
         directions[str(name)] = bool(metric.higher_is_better)
     return directions
+
+
+def _grown_to(predictions: Tensor, targets: Tensor, num_classes: int) -> Tensor:
+    """Class scores of a head that has not grown to every class of the stream yet (``GrowHeads``), padded with the
+    lowest score for the classes it does not have, so the metric sees ``num_classes`` columns.
+
+    >>> _grown_to(torch.zeros(2, 2), torch.tensor([0, 3]), 4)[0].tolist()[2] < -1e38
+    True
+    """
+    missing = num_classes - predictions.shape[-1]
+    if predictions.ndim != targets.ndim + 1 or missing <= 0:
+        return predictions
+    padding = predictions.new_full((*predictions.shape[:-1], missing), torch.finfo(predictions.dtype).min)
+    return torch.cat([predictions, padding], dim=-1)
 
 
 def _mask_to_classes(predictions: Tensor, targets: Tensor, task: Task) -> Tensor:

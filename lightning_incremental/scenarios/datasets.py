@@ -103,7 +103,7 @@ def regression_stream(
     n_features: int = 10,
     train_per_task: int = 256,
     test_per_task: int = 128,
-    shift: float = 2.0,
+    shift: float = 4.0,
     noise: float = 0.05,
     seed: int = 0,
 ) -> TaskStream:
