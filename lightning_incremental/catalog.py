@@ -15,8 +15,6 @@ from lightning_incremental.methods.distillation.lwf import LwF
 from lightning_incremental.methods.fusion.weight_merging import WeightMerging
 from lightning_incremental.methods.partial.freeze import FreezeLayers
 from lightning_incremental.methods.partial.lora import LoRA
-from lightning_incremental.methods.pretrained.prototype_head import PrototypeHead
-from lightning_incremental.methods.pretrained.ranpac_head import RanPACHead
 from lightning_incremental.methods.regularization.ewc import EWC
 from lightning_incremental.methods.regularization.l2_anchor import L2Anchor
 from lightning_incremental.methods.regularization.mas import MAS
@@ -95,24 +93,6 @@ METHODS: list[MethodSpec] = [
         "partial",
         "Train only the last layer (the head) from the second task on; the backbone stays fixed.",
         lambda: [FreezeLayers(train_last=1, from_task=1)],
-    ),
-    MethodSpec(
-        "ranpac",
-        "pretrained",
-        "RanPAC: adapt on task 0, then a random-projection ridge head fitted in closed form (no samples stored).",
-        lambda: [FreezeLayers(train_last=1, from_task=1), RanPACHead()],
-    ),
-    MethodSpec(
-        "prototype",
-        "pretrained",
-        "SimpleCIL: adapt on task 0, then the nearest class mean (cosine) of the features.",
-        lambda: [FreezeLayers(train_last=1, from_task=1), PrototypeHead()],
-    ),
-    MethodSpec(
-        "lora",
-        "partial",
-        "Low-rank adapters on every linear layer, merged into the weights at each task end (for pretrained models).",
-        lambda: [LoRA(module_types=nn.Linear)],
     ),
     MethodSpec(
         "merge",
