@@ -95,6 +95,12 @@ METHODS: list[MethodSpec] = [
         lambda: [FreezeLayers(train_last=1, from_task=1)],
     ),
     MethodSpec(
+        "lora",
+        "partial",
+        "Low-rank adapters on every linear layer, merged into the weights at each task end (for pretrained models).",
+        lambda: [LoRA(module_types=nn.Linear)],
+    ),
+    MethodSpec(
         "merge",
         "fusion",
         "Weight merging: interpolate halfway between the weights before and after each task.",
