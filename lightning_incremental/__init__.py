@@ -15,6 +15,7 @@ from lightning_incremental.methods.pretrained import PrototypeHead, RanPACHead
 from lightning_incremental.methods.regularization import EWC, MAS, SI, L2Anchor
 from lightning_incremental.methods.replay import AGEM, DER, ExperienceReplay, ICaRL
 from lightning_incremental.models import MLPClassifier
+from lightning_incremental.optimizer_state import KeepOptimizerState
 from lightning_incremental.training import fit_tasks, load_task_checkpoint
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "GrowHeads",
     "ICaRL",
     "IncrementalClassifier",
+    "KeepOptimizerState",
     "L2Anchor",
     "LoRA",
     "LwF",

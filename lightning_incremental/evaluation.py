@@ -148,9 +148,10 @@ class ContinualResult:
         return figure
 
     def _labels(self) -> dict[str, str]:
+        shown = "accuracy" if self.metric == "acc" else self.metric
         return {
-            self.metric: f"average {self.metric}",
-            f"avg_incremental_{self.metric}": f"average incremental {self.metric}",
+            self.metric: f"average {shown}",
+            f"avg_incremental_{self.metric}": f"average incremental {shown}",
             "bwt": "backward transfer (BWT)",
             "fwt": "forward transfer (FWT)",
             "forgetting": "forgetting",
