@@ -196,7 +196,7 @@ def sweep(grid: Grid, scenarios: list[str], seeds: range, epochs: int = 10) -> N
             for setting, build in settings:
                 accs, forgets = [], []
                 for seed, stream in streams.items():
-                    spec = MethodSpec(method, "sweep", "", build)
+                    spec = MethodSpec(method, "sweep", "", build, keep_optimizer_state=False)  # the grid decides
                     result, _ = run_method(spec, stream, epochs=epochs, seed=seed)
                     accs.append(result.summary()["acc"])
                     forgets.append(result.summary()["forgetting"])

@@ -24,7 +24,6 @@ from harness import setup_threads
 
 from lightning_incremental.catalog import registry
 from lightning_incremental.cli import SCENARIOS, make_stream, run_method
-from lightning_incremental.optimizer_state import KeepOptimizerState
 
 
 def measure(methods: list[str], scenarios: list[str], seeds: range, epochs: int) -> dict[tuple[str, str], dict]:
@@ -36,8 +35,8 @@ def measure(methods: list[str], scenarios: list[str], seeds: range, epochs: int)
         for name in methods:
             accs: dict[str, list[float]] = {"without": [], "with": []}
             for seed, stream in streams.items():
-                for setting, callbacks in (("without", []), ("with", [KeepOptimizerState()])):
-                    result, seconds = run_method(specs[name], stream, epochs=epochs, seed=seed, callbacks=callbacks)
+                for setting, keep in (("without", False), ("with", True)):
+                    result, seconds = run_method(specs[name], stream, epochs=epochs, seed=seed, keep_optimizer_state=keep)
                     accs[setting].append(result.summary()["acc"])
                     print(
                         f"{scenario:<10} {name:<16} seed {seed} {setting:<7} acc {accs[setting][-1]:.4f} "

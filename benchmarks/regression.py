@@ -32,7 +32,7 @@ def run(spec, seed: int, epochs: int) -> tuple[float, float]:
     """Final mean MSE over the tasks' test sets, and wall seconds."""
     L.seed_everything(seed, verbose=False)
     stream = regression_stream(n_tasks=3, seed=seed)
-    model, methods = MLPRegressor(), spec.build()
+    model, methods = MLPRegressor(), spec.callbacks()
     evaluation = ContinualEvaluation(stream, metric=MeanSquaredError())
     started = time.perf_counter()
     for task in stream.cumulative() if spec.cumulative else stream:

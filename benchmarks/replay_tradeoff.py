@@ -88,7 +88,7 @@ def run_stream(scenario: str, seeds: range, grid: dict, epochs: int) -> None:
     for seed in seeds:
         stream = make_stream(scenario, N_TASKS, seed)
         for key, build in grid.items():
-            spec = MethodSpec(key[0], "sweep", "", build)
+            spec = MethodSpec(key[0], "sweep", "", build, keep_optimizer_state=False)  # the grid decides
             result, wall = run_method(spec, stream, epochs=epochs, seed=seed)
             accs[key].append(result.summary()["acc"])
             seconds[key].append(wall / N_TASKS)

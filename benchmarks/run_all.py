@@ -65,7 +65,7 @@ def overhead_table(methods: list[str], repeats: int) -> list[str]:
     specs = registry()
     timed = [name for name in methods if not specs[name].cumulative]
     configurations = {"naive": lambda: []} | {
-        name: (lambda spec=specs[name]: spec.build()) for name in timed if name != "naive"
+        name: (lambda spec=specs[name]: spec.callbacks()) for name in timed if name != "naive"
     }
     medians = compare(MLP, configurations, repeats=repeats)
     lines = [

@@ -15,6 +15,8 @@ from lightning_incremental.methods.distillation.lwf import LwF
 from lightning_incremental.methods.fusion.weight_merging import WeightMerging
 from lightning_incremental.methods.partial.freeze import FreezeLayers
 from lightning_incremental.methods.partial.lora import LoRA
+from lightning_incremental.methods.pretrained.prototype_head import PrototypeHead
+from lightning_incremental.methods.pretrained.ranpac_head import RanPACHead
 from lightning_incremental.methods.regularization.ewc import EWC
 from lightning_incremental.methods.regularization.l2_anchor import L2Anchor
 from lightning_incremental.methods.regularization.mas import MAS
@@ -23,6 +25,7 @@ from lightning_incremental.methods.replay.agem import AGEM
 from lightning_incremental.methods.replay.der import DER
 from lightning_incremental.methods.replay.experience_replay import ExperienceReplay
 from lightning_incremental.methods.replay.icarl import ICaRL
+from lightning_incremental.optimizer_state import KeepOptimizerState
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,9 @@ class MethodSpec:
         summary: one line for ``--help`` and the README.
         build: returns fresh callbacks with the method's documented defaults, for one run over a stream.
         cumulative: train each task on the union of the tasks so far (the joint upper bound).
+        keep_optimizer_state: whether its reference runs carry the optimizer's state from task to task
+            (:class:`~lightning_incremental.KeepOptimizerState`): the setting the measurements favour for this
+            method (``benchmarks/optimizer_state.py``, RESULTS.md).
     """
 
     name: str
@@ -43,6 +49,20 @@ class MethodSpec:
     summary: str
     build: Callable[[], list[Callback]]
     cumulative: bool = False
+    keep_optimizer_state: bool = True
+
+    def callbacks(self, keep_optimizer_state: bool | None = None) -> list[Callback]:
+        """Fresh callbacks for one run: :attr:`build`'s, with a ``KeepOptimizerState`` when the state is carried.
+
+        ``keep_optimizer_state`` overrides the method's own setting.
+
+        >>> [type(c).__name__ for c in registry()["replay"].callbacks()]
+        ['ExperienceReplay', 'KeepOptimizerState']
+        >>> [type(c).__name__ for c in registry()["replay"].callbacks(keep_optimizer_state=False)]
+        ['ExperienceReplay']
+        """
+        keep = self.keep_optimizer_state if keep_optimizer_state is None else keep_optimizer_state
+        return [*self.build(), *([KeepOptimizerState()] if keep else [])]
 
 
 METHODS: list[MethodSpec] = [
@@ -99,6 +119,18 @@ METHODS: list[MethodSpec] = [
         "partial",
         "Low-rank adapters on every linear layer, merged into the weights at each task end (for pretrained models).",
         lambda: [LoRA(module_types=nn.Linear)],
+    ),
+    MethodSpec(
+        "ranpac",
+        "pretrained",
+        "RanPAC: adapt on task 0, then a random-projection ridge head fitted in closed form (no samples stored).",
+        lambda: [FreezeLayers(train_last=1, from_task=1), RanPACHead()],
+    ),
+    MethodSpec(
+        "prototype",
+        "pretrained",
+        "SimpleCIL: adapt on task 0, then the nearest class mean (cosine) of the features.",
+        lambda: [FreezeLayers(train_last=1, from_task=1), PrototypeHead()],
     ),
     MethodSpec(
         "merge",

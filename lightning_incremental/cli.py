@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=10, help="epochs per task (default: 10)")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size (default: 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model and the data order (default: 0)")
+    parser.add_argument(
+        "--reset-optimizer",
+        action="store_true",
+        help="start every task with a fresh optimizer (default: carry its state where the method's measurements favour it)",
+    )
     parser.add_argument("--output", type=Path, default=Path("lightning-incremental-results"), help="results folder")
     parser.add_argument("--accelerator", default="cpu", help="the Trainer's accelerator (default: cpu)")
     parser.add_argument("--devices", default="1", help="the Trainer's devices (default: 1)")
@@ -100,19 +105,21 @@ def run_method(
     seed: int = 0,
     trainer_kwargs: dict[str, Any] | None = None,
     callbacks: Sequence[Callback] = (),
+    keep_optimizer_state: bool | None = None,
 ) -> tuple[ContinualResult, float]:
     """Train a fresh reference model with ``spec`` over ``stream``: the result and the wall seconds.
 
     The reference protocol (``docs/architecture.md``): MLPClassifier (hidden 256-256, Adam 1e-3), seeded with ``seed``;
     on a task-incremental stream its head is a ``MultiHeadClassifier`` grown by ``GrowHeads`` (one head per task).
     ``callbacks`` (progress, …) are added to every Trainer; ``trainer_kwargs`` go to every Trainer. A method with
-    a ``predict(pl_module, batch)`` (iCaRL) is evaluated with it.
+    a ``predict(pl_module, batch)`` (iCaRL) is evaluated with it. The optimizer's state is carried from task to
+    task where the method's spec says so, unless ``keep_optimizer_state`` says otherwise.
     """
     L.seed_everything(seed, verbose=False)
     n_features = stream[0].train[0][0].numel()
     multi_head = stream.scenario == "task-incremental"
     model = MLPClassifier(n_features, stream.num_classes, head="multihead" if multi_head else "linear")
-    methods = spec.build()
+    methods = spec.callbacks(keep_optimizer_state)
     # a method that classifies on its own (iCaRL's nearest mean of exemplars) exposes `predict(pl_module, batch)`
     predict = next((method.predict for method in methods if callable(getattr(method, "predict", None))), None)
     evaluation = ContinualEvaluation(stream, predict=predict)
@@ -211,7 +218,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "logger": CSVLogger(args.output / "logs", name=f"{args.scenario}-{spec.name}"),
             }
             results[spec.name] = run_method(
-                spec, stream, args.epochs, args.batch_size, args.seed, trainer_kwargs, [_TaskProgress(progress, bar)]
+                spec,
+                stream,
+                args.epochs,
+                args.batch_size,
+                args.seed,
+                trainer_kwargs,
+                [_TaskProgress(progress, bar)],
+                keep_optimizer_state=False if args.reset_optimizer else None,
             )
     console.print(results_table(args.scenario, results))
     write_results(args.output, args.scenario, config, results)

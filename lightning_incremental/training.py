@@ -9,6 +9,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_incremental.core import ContinualCallback, assign_state_keys
 from lightning_incremental.evaluation import ContinualEvaluation, ContinualResult
+from lightning_incremental.optimizer_state import KeepOptimizerState
 from lightning_incremental.scenarios.stream import TaskStream
 
 DEFAULT_TRAINER_KWARGS: dict[str, Any] = {"max_epochs": 10, "enable_model_summary": False}
@@ -22,12 +23,17 @@ def fit_tasks(
     batch_size: int = 32,
     shuffle: bool = True,
     dataloader_kwargs: dict[str, Any] | None = None,
+    keep_optimizer_state: bool = True,
 ) -> ContinualResult:
     """Train ``model`` on every task of ``stream`` in turn, one new Trainer per task; return the evaluation.
 
     The same callback instances go to every Trainer, so the methods carry their state from task to task.
     A :class:`~lightning_incremental.ContinualEvaluation` among ``callbacks`` is used (and moved last);
-    otherwise one is added. ``trainer_kwargs`` go to every Trainer (default ``max_epochs=10``).
+    otherwise one is added. ``trainer_kwargs`` go to every Trainer (default ``max_epochs=10``). With
+    ``keep_optimizer_state`` (the default) the optimizer's state carries from task to task, as one long fit
+    would have it: a :class:`~lightning_incremental.KeepOptimizerState` is added unless ``callbacks`` hold one.
+    It helps most methods and hurts A-GEM and some merges on class-incremental streams (RESULTS.md, "The
+    optimizer's state across tasks"): pass ``False`` for those.
 
     Example::
 
@@ -48,6 +54,8 @@ def fit_tasks(
     evaluations = [cb for cb in callbacks if isinstance(cb, ContinualEvaluation)]
     evaluation = evaluations[0] if evaluations else ContinualEvaluation(stream)
     methods = [cb for cb in callbacks if cb is not evaluation]
+    if keep_optimizer_state and not any(isinstance(cb, KeepOptimizerState) for cb in methods):
+        methods.append(KeepOptimizerState())
     for task in stream:
         trainer = Trainer(callbacks=[*methods, *extra_callbacks, evaluation], **trainer_kwargs)
         loader = task.train_dataloader(batch_size=batch_size, shuffle=shuffle, **(dataloader_kwargs or {}))

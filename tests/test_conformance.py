@@ -111,20 +111,26 @@ class _Crash(Callback):
 def test_resume_mid_task_matches_the_uninterrupted_run(spec, split_stream, tmp_path):
     uninterrupted = run_method(spec, split_stream)
     tasks = list(stream_for(spec, split_stream))
+    # crash in task 1, where every method has state from task 0; closed-form heads train only on task 0 (later
+    # fits end before their first step), so their only mid-task state is task 0's
+    crashed = 0 if spec.family == "pretrained" else 1
 
     model = tiny_model(split_stream)
     methods, evaluation = spec.build(), ContinualEvaluation(split_stream)
-    trainer(2, [*methods, evaluation]).fit(model, train_loader(tasks[0]))
+    for task in tasks[:crashed]:
+        trainer(2, [*methods, evaluation]).fit(model, train_loader(task))
     checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, save_on_train_epoch_end=True)
     crashing = trainer(2, [*methods, evaluation, checkpoint, _Crash(epoch=1)], enable_checkpointing=True)
     with pytest.raises(KeyError, match="simulated crash"):
-        crashing.fit(model, train_loader(tasks[1]))
+        crashing.fit(model, train_loader(tasks[crashed]))
 
     # a new process: a new model object, new callback instances, everything else from the checkpoint
     model = tiny_model(split_stream, seed=123)
     methods, evaluation = spec.build(), ContinualEvaluation(split_stream)
-    trainer(2, [*methods, evaluation]).fit(model, train_loader(tasks[1]), ckpt_path=tmp_path / "epoch=0.ckpt")
-    trainer(2, [*methods, evaluation]).fit(model, train_loader(tasks[2]))
+    fits = [trainer(2, [*methods, evaluation]) for _ in tasks[crashed:]]
+    fits[0].fit(model, train_loader(tasks[crashed]), ckpt_path=tmp_path / "epoch=0.ckpt")
+    for fit, task in zip(fits[1:], tasks[crashed + 1 :], strict=True):
+        fit.fit(model, train_loader(task))
 
     assert_same_weights(uninterrupted.weights(), {k: v.detach() for k, v in model.state_dict().items()})
     assert evaluation.matrix == uninterrupted.matrix

@@ -14,6 +14,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
+from lightning_incremental.heads import GrowHeads
 from lightning_incremental.methods.fusion import WeightMerging
 from lightning_incremental.methods.fusion.functional import drop_and_rescale, ties_merge, ties_update, trim_top_k
 from lightning_incremental.methods.regularization import EWC
@@ -410,3 +411,19 @@ def test_a_model_that_changes_shape_between_tasks_is_an_error_for_task_vectors(s
     trainer(1, [merge]).fit(model, train_loader(split_stream[0]))
     with pytest.raises(RuntimeError, match=r"tensors changed since the first task \(net\.2\.bias, net\.2\.weight\)"):
         trainer(1, [GrowHead(), merge]).fit(model, train_loader(split_stream[1]))
+
+
+@pytest.mark.parametrize("mode", ["task_arithmetic", "fisher"])
+def test_a_head_added_for_a_new_task_keeps_its_trained_value_and_joins_the_base(mode):
+    stream = synthetic_stream(n_tasks=3, task_labels=True)
+    model = MLPClassifier(16, stream.num_classes, hidden=(8,), head="multihead", lr=1e-2)
+    callbacks = [GrowHeads(), *([EWC()] if mode == "fisher" else []), WeightMerging(mode=mode, scale=0.3)]
+    trained, merge = TrainedWeights(), callbacks[-1]
+    for task in stream:
+        trainer(1, [*callbacks[:-1], trained, merge]).fit(model, train_loader(task))
+    merged = model.state_dict()
+    new_head = "net.2.heads.2.weight"  # added at the start of the last task: its trained value, unmerged
+    assert new_head not in trained.weights[1]
+    assert torch.equal(merged[new_head], trained.weights[2][new_head])
+    assert torch.equal(merge.base["net.2.heads.1.weight"], trained.weights[1]["net.2.heads.1.weight"])
+    assert not torch.allclose(merged["net.0.weight"], trained.weights[2]["net.0.weight"], atol=1e-4)  # merged

@@ -91,8 +91,10 @@ class WeightMerging(ContinualCallback):
     Buffers are merged like the weights: floating-point buffers such as BatchNorm's ``running_mean`` and
     ``running_var`` get the same merge, integer buffers such as ``num_batches_tracked`` keep the new value.
     The merge runs in ``on_train_end``, so callbacks after this one in the list (e.g.
-    :class:`~lightning_incremental.ContinualEvaluation`) see the merged model. The model must keep the same
-    tensor names and shapes from task to task (a classifier that grows is refused).
+    :class:`~lightning_incremental.ContinualEvaluation`) see the merged model. A tensor that is new since the
+    first task (the head :class:`~lightning_incremental.GrowHeads` adds for a new task) has no earlier version
+    to merge with: it keeps its trained value and joins ``theta_0`` for the later tasks. A tensor whose shape
+    changed (a classifier grown in place, :class:`~lightning_incremental.IncrementalClassifier`) is refused.
 
     **State.** Everything a merge needs (the copy of the weights, the running statistics, the DARE
     generator's state) is in ``state_dict`` as CPU tensors (weights and statistics in fp32), so a fit resumed
@@ -251,7 +253,9 @@ class WeightMerging(ContinualCallback):
     @torch.no_grad()
     def _merge_task_vector(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Fold this task's vector into the statistics and set the model to ``theta_0 + scale * merge``."""
-        current = _floating_tensors(pl_module)
+        trained = _floating_tensors(pl_module)
+        added = {name: tensor for name, tensor in trained.items() if name not in self.base}  # a grown head
+        current = {name: tensor for name, tensor in trained.items() if name in self.base}
         _check_same_tensors(current, self.base, "since the first task")
         tau = task_vector(current, self.base)
         if self.mode == "task_arithmetic":
@@ -269,6 +273,7 @@ class WeightMerging(ContinualCallback):
         del tau
         for name, tensor in current.items():  # the merge functions return new tensors: reuse them
             tensor.copy_(torch.add(self.base[name], merged[name], alpha=self.scale, out=merged[name]))
+        self.base.update(_snapshot_of(added))
 
     def _task_fisher(self, trainer: Trainer, pl_module: LightningModule, tau: TensorDict) -> dict[str, Tensor]:
         """This task's diagonal Fisher per tensor: what EWC's importance gained since the task started.
@@ -339,7 +344,11 @@ def _floating_tensors(module: nn.Module) -> dict[str, Tensor]:
 
 
 def _snapshot(module: nn.Module) -> dict[str, Tensor]:
-    return {name: t.detach().to(torch.float32, copy=True) for name, t in _floating_tensors(module).items()}
+    return _snapshot_of(_floating_tensors(module))
+
+
+def _snapshot_of(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {name: t.detach().to(torch.float32, copy=True) for name, t in tensors.items()}
 
 
 def _to_cpu(weights: dict[str, Tensor]) -> dict[str, Tensor]:
