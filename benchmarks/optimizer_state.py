@@ -36,7 +36,7 @@ def measure(methods: list[str], scenarios: list[str], seeds: range, epochs: int)
             accs: dict[str, list[float]] = {"without": [], "with": []}
             for seed, stream in streams.items():
                 for setting, keep in (("without", False), ("with", True)):
-                    result, seconds = run_method(specs[name], stream, epochs=epochs, seed=seed, keep_optimizer_state=keep)
+                    result, seconds = run_method(specs[name], stream, epochs, seed=seed, keep_optimizer_state=keep)
                     accs[setting].append(result.summary()["acc"])
                     print(
                         f"{scenario:<10} {name:<16} seed {seed} {setting:<7} acc {accs[setting][-1]:.4f} "

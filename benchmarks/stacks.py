@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from harness import Grid, setup_threads, sweep_main
 
-from lightning_incremental import DER, EWC, ExperienceReplay, LwF
+from lightning_incremental import DER, EWC, ExperienceReplay, KeepOptimizerState, LwF
 
 GRID: Grid = {
     "stack": [
@@ -37,6 +37,20 @@ GRID: Grid = {
     ]
     + [(f"ER + EWC({lam})", lambda lam=lam: [ExperienceReplay(), EWC(lam)]) for lam in (3.0, 30.0)]
     + [(f"ER + LwF({alpha})", lambda alpha=alpha: [ExperienceReplay(), LwF(alpha)]) for alpha in (0.1, 0.3)],
+    # the stack weights in the other order, and every stack with the optimizer's state carried across tasks
+    "stack order": [
+        ("LwF(0.1) + ER + EWC(3)", lambda: [LwF(0.1), ExperienceReplay(), EWC(3.0)]),
+        *(
+            (f"{label} + KeepOptimizerState", lambda build=build: [*build(), KeepOptimizerState()])
+            for label, build in (
+                ("ER", lambda: [ExperienceReplay()]),
+                ("ER + LwF + EWC", lambda: [ExperienceReplay(), LwF(), EWC()]),
+                ("LwF + ER + EWC", lambda: [LwF(), ExperienceReplay(), EWC()]),
+                ("ER + LwF(0.1) + EWC(3)", lambda: [ExperienceReplay(), LwF(0.1), EWC(3.0)]),
+                ("LwF(0.1) + ER + EWC(3)", lambda: [LwF(0.1), ExperienceReplay(), EWC(3.0)]),
+            )
+        ),
+    ],
 }
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--reset-optimizer",
         action="store_true",
-        help="start every task with a fresh optimizer (default: carry its state where the method's measurements favour it)",
+        help="a fresh optimizer for every task (default: its state carried where the measurements favour it)",
     )
     parser.add_argument("--output", type=Path, default=Path("lightning-incremental-results"), help="results folder")
     parser.add_argument("--accelerator", default="cpu", help="the Trainer's accelerator (default: cpu)")

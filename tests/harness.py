@@ -67,7 +67,7 @@ def run_method(
 ) -> RunResult:
     """Train a fresh tiny model with fresh callbacks of ``spec`` over every task of ``stream``."""
     model = tiny_model(stream)
-    methods = spec.build()
+    methods = spec.callbacks()
     evaluation = ContinualEvaluation(stream)
     for task in stream_for(spec, stream):
         trainer(epochs, [*methods, evaluation], **trainer_kwargs).fit(model, train_loader(task, style))

@@ -1,4 +1,5 @@
-"""The conformance suite: every registered method, on a 3-task stream with a tiny model, must
+"""The conformance suite: every registered method, on a 3-task stream with a tiny model, with the optimizer's
+state carried across tasks where its catalog entry carries it (``MethodSpec.callbacks()``), must
 
 - learn (the last task's accuracy far above chance) and keep a checkpoint-safe state;
 - run under bf16-mixed and with gradient accumulation;
@@ -75,7 +76,7 @@ def test_batch_structures_give_the_same_training(spec, split_stream):
 def test_ddp_two_processes_agree(spec, split_stream, tmp_path):
     def worker(rank: int, out_dir: Path) -> None:
         model = tiny_model(split_stream)
-        methods = spec.build()
+        methods = spec.callbacks()
         evaluation = ContinualEvaluation(split_stream)
         for task in stream_for(spec, split_stream):
             fit = trainer(2, [*methods, evaluation], strategy="ddp", devices=2)
@@ -116,7 +117,7 @@ def test_resume_mid_task_matches_the_uninterrupted_run(spec, split_stream, tmp_p
     crashed = 0 if spec.family == "pretrained" else 1
 
     model = tiny_model(split_stream)
-    methods, evaluation = spec.build(), ContinualEvaluation(split_stream)
+    methods, evaluation = spec.callbacks(), ContinualEvaluation(split_stream)
     for task in tasks[:crashed]:
         trainer(2, [*methods, evaluation]).fit(model, train_loader(task))
     checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, save_on_train_epoch_end=True)
@@ -126,7 +127,7 @@ def test_resume_mid_task_matches_the_uninterrupted_run(spec, split_stream, tmp_p
 
     # a new process: a new model object, new callback instances, everything else from the checkpoint
     model = tiny_model(split_stream, seed=123)
-    methods, evaluation = spec.build(), ContinualEvaluation(split_stream)
+    methods, evaluation = spec.callbacks(), ContinualEvaluation(split_stream)
     fits = [trainer(2, [*methods, evaluation]) for _ in tasks[crashed:]]
     fits[0].fit(model, train_loader(tasks[crashed]), ckpt_path=tmp_path / "epoch=0.ckpt")
     for fit, task in zip(fits[1:], tasks[crashed + 1 :], strict=True):
@@ -141,14 +142,14 @@ def test_resume_between_tasks_matches_the_uninterrupted_run(spec, split_stream, 
     tasks = list(stream_for(spec, split_stream))
 
     model = tiny_model(split_stream)
-    methods, evaluation = spec.build(), ContinualEvaluation(split_stream)
+    methods, evaluation = spec.callbacks(), ContinualEvaluation(split_stream)
     for task in tasks[:2]:
         fit = trainer(2, [*methods, evaluation])
         fit.fit(model, train_loader(task))
     fit.save_checkpoint(tmp_path / "after_task_1.ckpt")
 
     model = tiny_model(split_stream, seed=123)
-    methods, evaluation = spec.build(), ContinualEvaluation(split_stream)
+    methods, evaluation = spec.callbacks(), ContinualEvaluation(split_stream)
     load_task_checkpoint(tmp_path / "after_task_1.ckpt", model, [*methods, evaluation])
     trainer(2, [*methods, evaluation]).fit(model, train_loader(tasks[2]))
 

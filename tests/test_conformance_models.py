@@ -30,7 +30,7 @@ def drifting_stream():
 
 def _fit_regression(spec, stream, epochs=2, **trainer_kwargs):
     L.seed_everything(0, verbose=False)
-    model, methods = MLPRegressor(), spec.build()
+    model, methods = MLPRegressor(), spec.callbacks()
     evaluation = ContinualEvaluation(stream, metric=MeanSquaredError())
     for task in stream.cumulative() if spec.cumulative else stream:
         fit = L.Trainer(max_epochs=epochs, callbacks=[*methods, evaluation], **{**QUIET, **trainer_kwargs})
@@ -181,14 +181,15 @@ def test_a_mid_task_resume_on_dict_batches_matches_the_uninterrupted_run(name, t
             loader = task.train_dataloader(batch_size=16, shuffle=False, collate_fn=pad_collate)
             last = index == len(tasks) - 1
             if crash and last:
-                checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, save_on_train_epoch_end=True)
+                checkpoint = ModelCheckpoint(tmp_path, "{epoch}", save_top_k=-1, save_on_train_epoch_end=True)
                 fit = L.Trainer(
                     max_epochs=2, callbacks=[*methods, checkpoint, _Crash()], **{**QUIET, "enable_checkpointing": True}
                 )
                 with pytest.raises(KeyError):
                     fit.fit(model, loader)
                 methods = [TEXT_METHODS[name]()]  # a new process: fresh instances, state from the checkpoint
-                L.Trainer(max_epochs=2, callbacks=methods, **QUIET).fit(model, loader, ckpt_path=tmp_path / "epoch=0.ckpt")
+                resumed = L.Trainer(max_epochs=2, callbacks=methods, **QUIET)
+                resumed.fit(model, loader, ckpt_path=tmp_path / "epoch=0.ckpt")
             else:
                 L.Trainer(max_epochs=2, callbacks=methods, **QUIET).fit(model, loader)
         return {k: v.clone() for k, v in model.state_dict().items()}
