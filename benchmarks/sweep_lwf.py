@@ -3,7 +3,7 @@
     python benchmarks/sweep_lwf.py [--seeds 3] [--first-seed 0] [--scenarios permuted split-task split]
 
 Every LwF setting runs with ``KeepOptimizerState()`` (Adam's moments and step count carried from task to
-task): ``alpha`` in 0.1, 0.25, 0.5, 1, 2 and ``temperature`` in 1, 2, 4. Beside them, in the same run: naive
+task): ``alpha`` in 0.1, 0.25, 0.5, 1, 2 and ``temperature`` in 1, 2, 4, 8. Beside them, in the same run: naive
 fine-tuning without and with the state carried, and LwF at ``alpha=1, temperature=2`` without it. For every
 setting it prints the final average accuracy (mean and std over the seeds) and the forgetting, on the
 domain-incremental permuted stream, the task-incremental split (one head per task) and the class-incremental
@@ -22,7 +22,7 @@ GRID: Grid = {
         *(
             (f"alpha {a:g} T {t:g} keep state", lambda a=a, t=t: [LwF(alpha=a, temperature=t), KeepOptimizerState()])
             for a in (0.1, 0.25, 0.5, 1, 2)
-            for t in (1, 2, 4)
+            for t in (1, 2, 4, 8)
         ),
     ],
 }

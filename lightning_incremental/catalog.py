@@ -114,7 +114,7 @@ METHODS: list[MethodSpec] = [
         "replay_lwf_ewc",
         "stack",
         "Experience replay with LwF and EWC beside it, at the weights a stack needs (alpha 0.1, lambda 3).",
-        lambda: [ExperienceReplay(), LwF(alpha=0.1), EWC(lambda_=3.0)],
+        lambda: [ExperienceReplay(), LwF(alpha=0.1, temperature=2.0), EWC(lambda_=3.0)],
     ),
     MethodSpec("lwf", "distillation", "Learning without Forgetting: distil the last model's outputs.", lambda: [LwF()]),
     MethodSpec(

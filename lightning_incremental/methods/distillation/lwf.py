@@ -89,8 +89,10 @@ class LwF(ContinualCallback):
     it distils the replayed rows too; before it, only the current rows. It reads the live logits from the
     step chain's record. It adds to the loss, so it refuses manual optimization.
 
-    Defaults (``alpha``, ``temperature``) are the choice of ``benchmarks/sweep_lwf.py``; its numbers are in
-    ``benchmarks/RESULTS.md``.
+    Defaults (``alpha``, ``temperature``) are the choice of ``benchmarks/sweep_lwf.py``, made with the
+    optimizer's state carried across tasks (:class:`~lightning_incremental.KeepOptimizerState`, as the
+    catalog runs LwF); a high temperature makes the term close to matching the old logits. Beside a replay
+    method use a smaller weight (the catalog's ``replay_lwf_ewc``). Numbers in ``benchmarks/RESULTS.md``.
 
     Args:
         alpha: weight of the distillation term (>= 0).
@@ -119,8 +121,8 @@ class LwF(ContinualCallback):
 
     def __init__(
         self,
-        alpha: float = 1.0,
-        temperature: float = 2.0,
+        alpha: float = 0.5,
+        temperature: float = 8.0,
         distillation: Distillation = "auto",
         logits_module: str | nn.Module | None = None,
         model_interface: ModelInterface | None = None,
