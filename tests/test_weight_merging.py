@@ -427,3 +427,22 @@ def test_a_head_added_for_a_new_task_keeps_its_trained_value_and_joins_the_base(
     assert torch.equal(merged[new_head], trained.weights[2][new_head])
     assert torch.equal(merge.base["net.2.heads.1.weight"], trained.weights[1]["net.2.heads.1.weight"])
     assert not torch.allclose(merged["net.0.weight"], trained.weights[2]["net.0.weight"], atol=1e-4)  # merged
+
+
+@pytest.mark.parametrize("mode", ["interpolate", "average", "ties", "fisher"])
+def test_excluded_tensors_keep_their_trained_values_and_the_rest_is_merged(split_stream, mode):
+    model = tiny_model(split_stream)
+    callbacks = [*([EWC(lambda_=0.0)] if mode == "fisher" else []), WeightMerging(mode=mode, exclude="net.2.*")]
+    trained, merged = TrainedWeights(), []
+    for task in list(split_stream)[:2]:
+        trainer(1, [*callbacks[:-1], trained, callbacks[-1]]).fit(model, train_loader(task))
+        merged.append({name: t.detach().clone() for name, t in model.state_dict().items()})
+    for name in ("net.2.weight", "net.2.bias"):
+        assert torch.equal(merged[1][name], trained.weights[1][name])
+        assert name not in callbacks[-1].state_dict()["base"] | callbacks[-1].state_dict()["average"]
+    assert not torch.allclose(merged[1]["net.0.weight"], trained.weights[1]["net.0.weight"], atol=1e-5)
+
+
+def test_an_exclude_pattern_that_matches_no_tensor_names_the_tensors(split_stream):
+    with pytest.raises(ValueError, match=r"`exclude` pattern 'head\.\*' matches no tensor of MLPClassifier.*net\.0"):
+        trainer(1, [WeightMerging(exclude="head.*")]).fit(tiny_model(split_stream), train_loader(split_stream[0]))

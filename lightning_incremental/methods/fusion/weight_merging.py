@@ -1,6 +1,7 @@
 """Model fusion at task boundaries: merge the weights after a task with those from before it."""
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -8,6 +9,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 
 from lightning_incremental.core import ContinualCallback
+from lightning_incremental.core.selection import Pattern, as_patterns, matching
 from lightning_incremental.methods.fusion.functional import (
     Statistics,
     TensorDict,
@@ -114,6 +116,10 @@ class WeightMerging(ContinualCallback):
         drop_prob: the probability with which DARE drops an entry, in ``[0, 1)``.
         seed: the seed of DARE's random generator (an integer >= 0).
         fisher_floor: the smallest Fisher value Fisher merging uses (> 0).
+        exclude: names of tensors not to merge (glob strings like ``"head.*"`` or ``re.compile`` patterns):
+            they keep the value the task trained them to and take no memory here. Exclude a class-incremental
+            head: its rows for a new task's classes are trained only in that task, and a merge that scales or
+            averages them (every mode but ``interpolate`` with ``alpha=1``) weakens exactly those classes.
 
     Example::
 
@@ -153,8 +159,10 @@ class WeightMerging(ContinualCallback):
         drop_prob: float = 0.5,
         seed: int = 0,
         fisher_floor: float = 1e-6,
+        exclude: Pattern | Sequence[Pattern] | None = None,
     ) -> None:
         super().__init__()
+        self.exclude = as_patterns("exclude", exclude)
         if not _is_number(alpha) or not 0 <= alpha <= 1:
             raise ValueError(f"`alpha` must be in [0, 1] (0 keeps the old weights, 1 the new ones), got {alpha!r}.")
         if mode not in _MODES:
@@ -190,6 +198,8 @@ class WeightMerging(ContinualCallback):
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.mode == "fisher":
             self._ewc(trainer)  # refuse a Trainer without a usable EWC before the first step
+        if stage == "fit":
+            self._merged_tensors(pl_module)  # refuse an `exclude` pattern that matches nothing
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for weights in (
@@ -205,9 +215,9 @@ class WeightMerging(ContinualCallback):
 
     def on_task_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.mode == "interpolate" and self.tasks_completed > 0:
-            self.start_weights = _snapshot(pl_module)
+            self.start_weights = _snapshot_of(self._merged_tensors(pl_module))
         if self.mode in _TASK_VECTOR_MODES and not self.base:
-            self.base = _snapshot(pl_module)
+            self.base = _snapshot_of(self._merged_tensors(pl_module))
         if self.mode == "fisher":
             importance = self._ewc(trainer).importance
             self.fisher_at_task_start = {name: tensor.detach().clone() for name, tensor in importance.items()}
@@ -215,14 +225,14 @@ class WeightMerging(ContinualCallback):
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.mode == "interpolate":
             if self.start_weights:
-                _merge_into(pl_module, self.start_weights, self.alpha)
+                _merge_into(self._merged_tensors(pl_module), self.start_weights, self.alpha)
                 self.start_weights = {}
         elif self.mode == "average":
             self.averaged_tasks += 1
             if self.averaged_tasks == 1:
-                self.average = _snapshot(pl_module)
+                self.average = _snapshot_of(self._merged_tensors(pl_module))
             else:
-                self.average = _merge_into(pl_module, self.average, 1.0 / self.averaged_tasks)
+                self.average = _merge_into(self._merged_tensors(pl_module), self.average, 1.0 / self.averaged_tasks)
         else:
             self._merge_task_vector(trainer, pl_module)
 
@@ -250,10 +260,16 @@ class WeightMerging(ContinualCallback):
         self.generator.set_state(state_dict["generator_state"])
 
     # ------------------------------------------------------------------ helpers
+    def _merged_tensors(self, pl_module: LightningModule) -> dict[str, Tensor]:
+        """The floating-point tensors this callback merges: all of them but those ``exclude`` names."""
+        tensors = _floating_tensors(pl_module)
+        excluded = matching("exclude", self.exclude, tensors, type(pl_module).__name__, noun="tensor")
+        return {name: tensor for name, tensor in tensors.items() if name not in excluded}
+
     @torch.no_grad()
     def _merge_task_vector(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Fold this task's vector into the statistics and set the model to ``theta_0 + scale * merge``."""
-        trained = _floating_tensors(pl_module)
+        trained = self._merged_tensors(pl_module)
         added = {name: tensor for name, tensor in trained.items() if name not in self.base}  # a grown head
         current = {name: tensor for name, tensor in trained.items() if name in self.base}
         _check_same_tensors(current, self.base, "since the first task")
@@ -343,10 +359,6 @@ def _floating_tensors(module: nn.Module) -> dict[str, Tensor]:
     return {name: tensor for name, tensor in named.items() if tensor.is_floating_point()}
 
 
-def _snapshot(module: nn.Module) -> dict[str, Tensor]:
-    return _snapshot_of(_floating_tensors(module))
-
-
 def _snapshot_of(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name: t.detach().to(torch.float32, copy=True) for name, t in tensors.items()}
 
@@ -370,9 +382,8 @@ def _check_same_tensors(current: dict[str, Tensor], reference: dict[str, Tensor]
 
 
 @torch.no_grad()
-def _merge_into(module: nn.Module, reference: dict[str, Tensor], weight: float) -> dict[str, Tensor]:
-    """``t = lerp(reference, t, weight)`` for every floating-point tensor of ``module``; returns the fp32 merge."""
-    current = _floating_tensors(module)
+def _merge_into(current: dict[str, Tensor], reference: dict[str, Tensor], weight: float) -> dict[str, Tensor]:
+    """``t = lerp(reference, t, weight)`` for every tensor ``t`` of ``current``; returns the fp32 merge."""
     _check_same_tensors(current, reference, "during the task")
     merged = {name: torch.lerp(reference[name], tensor.float(), weight) for name, tensor in current.items()}
     for name, tensor in current.items():

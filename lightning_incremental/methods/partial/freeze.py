@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_incremental.core import ContinualCallback, task_of
-from lightning_incremental.methods.partial._selection import Pattern, as_patterns, matching
+from lightning_incremental.core.selection import Pattern, as_patterns, matching
 
 
 class FreezeLayers(ContinualCallback):

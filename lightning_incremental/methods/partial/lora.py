@@ -12,8 +12,8 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_incremental.core import ContinualCallback
+from lightning_incremental.core.selection import Pattern, as_patterns, matching
 from lightning_incremental.methods.fusion.weight_merging import WeightMerging
-from lightning_incremental.methods.partial._selection import Pattern, as_patterns, matching
 from lightning_incremental.methods.regularization._quadratic import QuadraticPenalty
 
 Mode = Literal["merge", "per_task"]

@@ -1,4 +1,4 @@
-"""Choosing parts of a model by name: glob strings or compiled regular expressions (FreezeLayers, LoRA)."""
+"""Choosing parts of a model by name: glob strings or compiled regexes (FreezeLayers, LoRA, WeightMerging)."""
 
 import fnmatch
 import re
