@@ -135,7 +135,9 @@ def merging(mode: str, **kwargs: float) -> Callable[[], Callback]:
     def make() -> Callback:
         from lightning_incremental.methods.fusion import WeightMerging
 
-        return WeightMerging(mode=mode, **kwargs)
+        # the class-incremental head keeps its trained rows (a merge would weaken the new task's classes), and
+        # the fresh adapters are not merged (the merged update is in the base weights)
+        return WeightMerging(mode=mode, exclude=["head.*", "*.lora_A.*", "*.lora_B.*"], **kwargs)
 
     return make
 
