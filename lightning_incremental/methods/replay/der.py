@@ -38,7 +38,9 @@ class DER(ReplayMethod):
         buffer_size: rows the buffer holds (over all DDP ranks).
         alpha: weight of the logit-matching term (>= 0).
         beta: weight of the replayed labels' cross-entropy (>= 0); > 0 makes DER++.
-        replay_batch_size: rows per replayed sample; default the current batch size.
+        replay_batch_size: rows per replayed sample; default the current batch size, the cheapest setting
+            within 0.5 points of DER++'s best accuracy on the class-incremental digits stream
+            (``benchmarks/replay_tradeoff.py``, RESULTS.md "Replay ratio against wall time").
         logits_module: the submodule whose output is the logits (name or module); found by default.
         model_interface: how to read the model's outputs; default: the model's ``continual_interface``, else
             :class:`~lightning_incremental.ModelInterface`'s defaults.
