@@ -18,8 +18,6 @@ from lightning_incremental.core.passes import eval_mode, private_pass
 from lightning_incremental.core.state import assign_state_keys
 from lightning_incremental.core.step_chain import Step, StepChain, add_to_loss
 
-StepFn = Step  # the name methods written before the step chain's class use
-
 __all__ = [
     "ContinualCallback",
     "FeatureCapture",
@@ -28,7 +26,6 @@ __all__ = [
     "OldModel",
     "Step",
     "StepChain",
-    "StepFn",
     "add_to_loss",
     "assign_state_keys",
     "batch_leaves",

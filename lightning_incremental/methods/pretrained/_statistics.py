@@ -333,8 +333,9 @@ class ClosedFormHead(ContinualCallback):
                 raise ValueError(
                     f"Could not find the head of {type(model).__name__}: no submodule is called "
                     f"{' / '.join(HEAD_NAMES)}, so the backbone's features (the head's input) cannot be found. Pass "
-                    f"`head_module=` naming the layer that turns the features into the logits, one of "
-                    f"{_shortlist(names)}."
+                    f"`head_module=` naming the layer that turns the features into the class logits, one of "
+                    f"{_shortlist(names)}. {type(self).__name__} is a classifier: it needs class labels, so a "
+                    "model with real-valued targets (a regressor) needs another method."
                 )
         path = next((n for n, m in model.named_modules() if m is module and n), None)
         if path is None:
