@@ -137,7 +137,7 @@ def merging(mode: str, **kwargs: float) -> Callable[[], Callback]:
 
         # the class-incremental head keeps its trained rows (a merge would weaken the new task's classes), and
         # the fresh adapters are not merged (the merged update is in the base weights)
-        return WeightMerging(mode=mode, exclude=["head.*", "*.lora_A.*", "*.lora_B.*"], **kwargs)
+        return WeightMerging(mode=mode, exclude=["head.*", "*.lora.*"], **kwargs)
 
     return make
 

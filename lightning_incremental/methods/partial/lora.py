@@ -138,7 +138,7 @@ class LoRA(ContinualCallback):
     **WeightMerging beside it** also comes after this callback (it raises otherwise), so a base weight's task
     vector is the update merged into it. WeightMerging merges every floating-point tensor, the fresh adapters
     too: ``B`` stays 0 (all its task vectors are 0) and ``A`` becomes a merge of fresh draws, which changes only
-    where the next task's adapters start, not the model; ``WeightMerging(exclude=["*.lora_A.*", "*.lora_B.*"])``
+    where the next task's adapters start, not the model; ``WeightMerging(exclude="*.lora.*")``
     leaves them out (and a class-incremental head, e.g. ``"head.*"``, which a merge would weaken).
 
     **State.** The number of adapter sets is in ``state_dict``; the adapters are the model's parameters, in its
