@@ -3,7 +3,7 @@
     python benchmarks/run_all.py                 # the full table: 3 seeds, 3 scenarios, every method
     python benchmarks/run_all.py --seeds 1 --methods naive ewc --skip-overhead   # a quick look
     python benchmarks/run_all.py --first-seed 5 --seeds 5 --scenarios permuted \
-        --methods naive ewc online_ewc si mas l2 replay derpp --skip-overhead --output benchmarks/HELD_OUT.md
+        --methods naive ewc ewc_separate si mas l2 replay derpp --skip-overhead --output benchmarks/HELD_OUT.md
                                                  # the defaults on seeds their sweeps did not see
 
 Accuracy follows the reference protocol of ``docs/architecture.md`` (digits, MLP 64-256-256-10, Adam 1e-3, batch 32,
