@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 
-from lightning_incremental import MLPClassifier, load_task_checkpoint
+from lightning_incremental import MLPClassifier, fit_tasks, load_task_checkpoint
 from lightning_incremental.heads import GrowHeads
 from lightning_incremental.optimizer_state import KeepOptimizerState, grow_param_state
 from lightning_incremental.scenarios import synthetic_stream
@@ -150,6 +150,23 @@ def _state_after_step(step: int) -> dict[str, torch.Tensor]:
 
     fit(model, ConcatDataset([data(1), data(2)]), [AtStep()])
     return recorded
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_fit_tasks_carries_the_state_by_default_and_not_when_told(keep):
+    stream, probe = synthetic_stream(n_tasks=2, train_per_class=16), Probe()
+    model = MLPClassifier(16, stream.num_classes, hidden=(8,))
+    quiet = {"max_epochs": 1, "logger": False, "enable_progress_bar": False, "enable_checkpointing": False}
+    fit_tasks(model, stream, [probe], trainer_kwargs=quiet, batch_size=8, keep_optimizer_state=keep)
+    steps_per_task = 2 * 16 // 8  # two classes of 16 rows, batches of 8
+    assert probe.at["first step"]["net.0.weight"]["step"].item() == (steps_per_task + 1 if keep else 1)
+
+
+def test_fit_tasks_uses_the_callers_own_keep_optimizer_state():
+    stream, keep = synthetic_stream(n_tasks=2, train_per_class=16), KeepOptimizerState()
+    quiet = {"max_epochs": 1, "logger": False, "enable_progress_bar": False, "enable_checkpointing": False}
+    fit_tasks(MLPClassifier(16, stream.num_classes, hidden=(8,)), stream, [keep], trainer_kwargs=quiet, batch_size=8)
+    assert keep.optimizers and keep.optimizers[0]["params"]["net.0.weight"]["state"]["step"].item() == 8
 
 
 def test_without_the_callback_adam_restarts_at_every_task():
