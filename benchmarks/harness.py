@@ -144,15 +144,20 @@ def setup_threads() -> None:
     torch.set_num_threads(1)
 
 
+def quiet_benchmark() -> None:
+    """Lightning's info logs and warnings off (after its import-time setup), one torch thread."""
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    setup_threads()
+
+
 def timing_args(doc: str) -> argparse.Namespace:
     """The timing scripts' command line (``--repeats``, ``--steps``); quiets Lightning, pins one thread."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="interleaved repeats; the median is reported")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per repeat")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # after lightning's import-time setup
-    setup_threads()
+    quiet_benchmark()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     return args
 

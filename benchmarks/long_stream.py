@@ -9,15 +9,13 @@ run; RESULTS.md has the table.
 """
 
 import argparse
-import logging
 import statistics
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import setup_threads
+from harness import quiet_benchmark
 
 from lightning_incremental.catalog import registry
 from lightning_incremental.cli import make_stream, run_method
@@ -30,9 +28,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=1)
     args = parser.parse_args()
-    setup_threads()
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
+    quiet_benchmark()
     specs = registry()
     print(f"permuted digits, {args.tasks} tasks, {args.epochs} epochs a task, seeds 0 … {args.seeds - 1}")
     print("| method | final avg acc | just-trained acc (mean) | just-trained acc (min) | wall s |")

@@ -12,15 +12,13 @@ carried, and the mean of the per-seed differences (with − without) ± its std.
 """
 
 import argparse
-import logging
 import statistics
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import setup_threads
+from harness import quiet_benchmark
 
 from lightning_incremental.catalog import registry
 from lightning_incremental.cli import SCENARIOS, make_stream, run_method
@@ -74,9 +72,7 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0, help="the seeds are first-seed … first-seed+seeds-1")
     parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # after lightning's import-time setup
-    setup_threads()
+    quiet_benchmark()
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     results = measure(args.methods, args.scenarios, seeds, args.epochs)
     over = f"seeds {seeds.start} … {seeds.stop - 1}, {args.epochs} epochs a task"

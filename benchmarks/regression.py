@@ -9,17 +9,15 @@ RESULTS.md has the table.
 """
 
 import argparse
-import logging
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning as L
-from harness import QUIET, setup_threads
+from harness import QUIET, quiet_benchmark
 from torchmetrics import MeanSquaredError
 
 from lightning_incremental import ContinualEvaluation
@@ -47,9 +45,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args()
-    setup_threads()
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
+    quiet_benchmark()
     specs = registry()
     print(f"regression stream, 3 tasks, {args.epochs} epochs a task, seeds 0 … {args.seeds - 1}")
     print("| method | final mean MSE | ratio to naive | wall s |")
