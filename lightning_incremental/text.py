@@ -106,7 +106,8 @@ class TextClassifier(LightningModule):
     "labels"}`` (:func:`pad_batch`); ``forward(input_ids, attention_mask)`` returns the class logits, and the
     pooled sentence embedding is the input of ``head`` (what heads on a frozen backbone read). The optimizer
     is AdamW over the parameters that require gradients when it is built, so parameters frozen or added by
-    callbacks in ``setup`` (adapters, frozen layers) are handled.
+    callbacks in ``setup`` (adapters, frozen layers) are handled. The encoder is put in train mode (dropout on), which
+    ``from_pretrained`` does not do.
 
     Args:
         encoder: a module called as ``encoder(input_ids=..., attention_mask=...)`` that returns the token
@@ -146,6 +147,10 @@ class TextClassifier(LightningModule):
                 raise ValueError(f"`{name}` must be >= 0, got {value}.")
         self.save_hyperparameters(ignore=["encoder"])
         self.encoder = load_encoder(encoder) if isinstance(encoder, str | Path) else encoder
+        # `from_pretrained` returns the encoder in eval mode; it is fine-tuned with its dropout on, as Hugging Face's
+        # Trainer does. Left in eval mode, the first fit would train without dropout and, once anything calls
+        # `model.train()` (an evaluation between tasks), every later fit with it.
+        self.encoder.train()
         hidden_size = _hidden_size(self.encoder)
         self.head = nn.Linear(hidden_size, num_classes)
         self.lr, self.head_lr, self.weight_decay = lr, head_lr if head_lr is not None else lr, weight_decay

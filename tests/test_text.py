@@ -71,6 +71,15 @@ def test_padding_does_not_change_a_rows_logits():
 
 
 @needs_transformers
+def test_text_classifier_fine_tunes_an_encoder_from_pretrained_with_its_dropout_on():
+    # `from_pretrained` hands the encoder over in eval mode; fitting it so would train without dropout
+    encoder = tiny_bert().eval()
+    model = TextClassifier(encoder, num_classes=2)
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(dropouts) > 0 and all(m.training for m in model.modules())
+
+
+@needs_transformers
 def test_text_classifier_learns_a_token_rule_with_per_batch_padding():
     # class k: documents made of tokens 10 + 5k .. 14 + 5k, of random lengths 3..9
     generator = torch.Generator().manual_seed(0)
