@@ -23,13 +23,14 @@ from torchmetrics import MeanSquaredError
 from lightning_incremental import ContinualEvaluation
 from lightning_incremental.catalog import registry
 from lightning_incremental.models import MLPRegressor
-from lightning_incremental.scenarios import regression_stream
+from lightning_incremental.scenarios import TaskStream, regression_stream
 
 
-def run(spec, seed: int, epochs: int) -> tuple[float, float]:
-    """Final mean MSE over the tasks' test sets, and wall seconds."""
+def run(spec, seed: int, epochs: int, stream: TaskStream | None = None) -> tuple[float, float]:
+    """Final mean MSE over the tasks' test sets, and wall seconds; on ``regression_stream(n_tasks=3, seed=seed)``
+    unless another ``stream`` is given."""
     L.seed_everything(seed, verbose=False)
-    stream = regression_stream(n_tasks=3, seed=seed)
+    stream = regression_stream(n_tasks=3, seed=seed) if stream is None else stream
     model, methods = MLPRegressor(), spec.callbacks()
     evaluation = ContinualEvaluation(stream, metric=MeanSquaredError())
     started = time.perf_counter()

@@ -9,6 +9,7 @@ from lightning_incremental.scenarios import (
     digits_stream,
     load_digits,
     permute_inputs,
+    regression_stream,
     split_classes,
     synthetic_stream,
     targets_of,
@@ -127,3 +128,44 @@ def test_bundled_digits_follow_the_reference_protocol():
     assert sum(len(task.train) for task in split) == 1437
     with pytest.raises(ValueError, match="`scenario` must be 'split' or 'permuted'"):
         digits_stream("rotated")
+
+
+def stacked(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, targets = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
+    return torch.stack(inputs), torch.stack(targets)
+
+
+@pytest.mark.parametrize(
+    "layout, expected_centres",
+    [
+        ("line", [0.0, 6.0, 12.0]),  # distance from the first centre, along one line
+        ("diagonal", [-6.0, 0.0, 6.0]),  # signed position along the unit diagonal
+    ],
+)
+def test_regression_stream_centres_the_tasks_where_its_layout_says(layout, expected_centres):
+    stream = regression_stream(n_tasks=3, n_features=10, train_per_task=4000, shift=6.0, layout=layout)
+    means = [stacked(task.train)[0].mean(0) for task in stream]
+    if layout == "line":
+        positions = [float((mean - means[0]).norm()) for mean in means]
+    else:
+        positions = [float(mean.sum() / 10**0.5) for mean in means]
+    assert positions == pytest.approx(expected_centres, abs=0.2)
+
+
+def test_regression_stream_spread_puts_every_centre_at_the_shift_from_the_origin():
+    stream = regression_stream(n_tasks=4, train_per_task=4000, shift=8.0, layout="spread")
+    norms = [float(stacked(task.train)[0].mean(0).norm()) for task in stream]
+    assert norms == pytest.approx([8.0] * 4, abs=0.2)
+
+
+def test_regression_stream_sines_target_is_the_sum_of_sines_plus_its_noise():
+    stream = regression_stream(n_tasks=2, target="sines", noise=0.05, shift=8.0, layout="diagonal")
+    x, y = stacked(stream[1].train)
+    residual = y - torch.sin(x).sum(-1) / 10**0.5
+    assert float(residual.std()) == pytest.approx(0.05, abs=0.01)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"layout": "circle"}, "`layout`"), ({"target": "cubic"}, "`target`")])
+def test_regression_stream_refuses_an_unknown_layout_or_target(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        regression_stream(**kwargs)

@@ -106,29 +106,46 @@ def regression_stream(
     shift: float = 4.0,
     noise: float = 0.05,
     seed: int = 0,
+    layout: Literal["line", "spread", "diagonal"] = "line",
+    target: Literal["sincos", "sines"] = "sincos",
 ) -> TaskStream:
     """A drifting regression stream: one target function, inputs around a different centre in each task.
 
-    The target is ``y = sin(x . w / sqrt(d)) + 0.5 * cos(x . v / sqrt(d))`` plus Gaussian noise, the same function in
-    every task; task ``t`` draws its inputs around ``t * shift`` along a fixed random direction (a
-    domain-incremental stream of real-valued targets, the setting of the source documents' MSE-trained MLP).
-    Items are ``(x, y)`` with ``y`` a float scalar.
+    The same function in every task, plus Gaussian noise: ``target="sincos"`` is
+    ``y = sin(x . w / sqrt(d)) + 0.5 * cos(x . v / sqrt(d))`` (random ``w``, ``v``), ``"sines"`` is
+    ``y = sum_i sin(x_i) / sqrt(d)``. Inputs are standard normal around the task's centre: with ``layout="line"``
+    task ``t`` is centred at ``t * shift`` along a fixed random direction; ``"spread"`` puts each centre at distance
+    ``shift`` from the origin in a random direction of its own; ``"diagonal"`` centres the tasks at
+    ``(t - (n_tasks - 1) / 2) * shift`` along the unit diagonal. A domain-incremental stream of real-valued
+    targets, the setting of the source documents' MSE-trained MLP. Items are ``(x, y)`` with ``y`` a float scalar.
 
     >>> stream = regression_stream(n_tasks=3)
     >>> len(stream), stream.scenario, stream[0].train[0][1].dtype
     (3, 'domain-incremental', torch.float32)
     """
+    if layout not in ("line", "spread", "diagonal"):
+        raise ValueError(f"`layout` must be 'line', 'spread' or 'diagonal', got {layout!r}.")
+    if target not in ("sincos", "sines"):
+        raise ValueError(f"`target` must be 'sincos' or 'sines', got {target!r}.")
     generator = torch.Generator().manual_seed(seed)
     w, v = torch.randn(n_features, generator=generator), torch.randn(n_features, generator=generator)
     direction = torch.nn.functional.normalize(torch.randn(n_features, generator=generator), dim=0)
+    scale = n_features**0.5
+    if layout == "line":
+        centres = [task * shift * direction for task in range(n_tasks)]
+    elif layout == "spread":
+        centres = list(shift * torch.nn.functional.normalize(torch.randn(n_tasks, n_features, generator=generator)))
+    else:
+        centres = [(task - (n_tasks - 1) / 2) * shift * torch.ones(n_features) / scale for task in range(n_tasks)]
 
-    def target(x: torch.Tensor) -> torch.Tensor:
-        scale = n_features**0.5
+    def function(x: torch.Tensor) -> torch.Tensor:
+        if target == "sines":
+            return torch.sin(x).sum(-1) / scale
         return torch.sin(x @ w / scale) + 0.5 * torch.cos(x @ v / scale)
 
     def sample(task: int, n: int) -> LabeledTensorDataset:
-        x = torch.randn(n, n_features, generator=generator) + task * shift * direction
-        return LabeledTensorDataset(x, target(x) + noise * torch.randn(n, generator=generator))
+        x = torch.randn(n, n_features, generator=generator) + centres[task]
+        return LabeledTensorDataset(x, function(x) + noise * torch.randn(n, generator=generator))
 
     tasks = [
         Task(index, (), TaskDataset(sample(index, train_per_task)), sample(index, test_per_task))
