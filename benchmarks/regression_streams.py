@@ -38,17 +38,13 @@ def main() -> None:
     print("| layout | target | shift | naive MSE | joint / naive | " + " | ".join(METHODS) + " | all <= 0.5 |")
     print("|---|---|---|---|---|" + "---|" * (len(METHODS) + 1))
     for layout, target, shift in itertools.product(("line", "spread", "diagonal"), ("sincos", "sines"), (4.0, 8.0)):
-        mse = {}
-        for name in ["naive", "joint", *METHODS]:
-            mse[name] = statistics.mean(
-                run(
-                    specs[name],
-                    seed,
-                    args.epochs,
-                    regression_stream(3, seed=seed, shift=shift, layout=layout, target=target),
-                )[0]
-                for seed in range(args.seeds)
-            )
+        streams = [
+            regression_stream(3, seed=seed, shift=shift, layout=layout, target=target) for seed in range(args.seeds)
+        ]
+        mse = {
+            name: statistics.mean(run(specs[name], seed, args.epochs, stream)[0] for seed, stream in enumerate(streams))
+            for name in ["naive", "joint", *METHODS]
+        }
         ratios = {name: mse[name] / mse["naive"] for name in ["joint", *METHODS]}
         met = "yes" if all(ratios[name] <= 0.5 for name in METHODS) else "no"
         cells = " | ".join(f"{ratios[name]:.2f}" for name in METHODS)
