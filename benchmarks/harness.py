@@ -1,6 +1,9 @@
 """Machinery shared by the benchmark scripts: step time of a method over naive fine-tuning, and sweeps.
 
-Every measurement trains a fresh model on a short first task (so that methods have something to
+A sweep runs a grid of configurations through the reference protocol (``lightning_incremental.experiment``) and
+returns its table; :func:`sweep_main` writes it to the script's section of the results file (``sections.py``).
+
+Every timing trains a fresh model on a short first task (so that methods have something to
 consolidate: an anchor, an old model, a filled buffer) and times the optimizer steps of the second task
 with a callback: the time from ``on_train_batch_start`` to ``on_train_batch_end`` (forward, backward, the
 methods' hooks, the optimizer step), after a warm-up. Configurations are measured interleaved, ``repeats``
@@ -19,9 +22,12 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 from lightning.pytorch import Callback, LightningModule
+from sections import add_results_argument, publish
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_incremental.catalog import MethodSpec
+from lightning_incremental.experiment import SCENARIOS, make_stream, run_method
 from lightning_incremental.models import MLPClassifier
 
 QUIET = {
@@ -131,12 +137,11 @@ def compare(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def print_ratios(title: str, medians: dict[str, float], reference: str = "naive") -> None:
-    """Print seconds per step and the ratio over the reference, one line per configuration."""
-    print(f"\n{title}")
-    print(f"{'configuration':<28} {'ms/step':>9} {'ratio':>7}")
-    for name, seconds in medians.items():
-        print(f"{name:<28} {seconds * 1e3:>9.2f} {seconds / medians[reference]:>7.3f}")
+def ratio_table(title: str, medians: dict[str, float], reference: str = "naive") -> list[str]:
+    """``title``, then a table of the seconds per step and the ratio over ``reference`` of every configuration."""
+    lines = [title, "", f"| configuration | ms/step | ratio over {reference} |", "|---|---|---|"]
+    lines += [f"| {name} | {s * 1e3:.2f} | {s / medians[reference]:.3f} |" for name, s in medians.items()]
+    return [*lines, ""]
 
 
 def setup_threads() -> None:
@@ -144,18 +149,24 @@ def setup_threads() -> None:
     torch.set_num_threads(1)
 
 
-def quiet_benchmark() -> None:
-    """Lightning's info logs and warnings off (after its import-time setup), one torch thread."""
+def quiet_lightning() -> None:
+    """Lightning's info logs and warnings off (after its import-time setup)."""
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+
+def quiet_benchmark() -> None:
+    """Lightning quiet, one torch thread."""
+    quiet_lightning()
     setup_threads()
 
 
 def timing_args(doc: str) -> argparse.Namespace:
-    """The timing scripts' command line (``--repeats``, ``--steps``); quiets Lightning, pins one thread."""
+    """The timing scripts' command line (``--repeats``, ``--steps``, ``--results``); quiets Lightning, one thread."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="interleaved repeats; the median is reported")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per repeat")
+    add_results_argument(parser)
     args = parser.parse_args()
     quiet_benchmark()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
@@ -165,49 +176,59 @@ def timing_args(doc: str) -> argparse.Namespace:
 Grid = dict[str, list[tuple[str, Callable[[], list[Callback]]]]]
 
 
-def sweep_main(doc: str, grid: Grid, scenarios: list[str], seeds: int) -> None:
-    """The sweep scripts' command line: ``--seeds``, ``--first-seed``, ``--scenarios``, ``--methods``.
+def sweep_main(doc: str, heading: str, grid: Grid, scenarios: list[str], seeds: int) -> None:
+    """The sweep scripts' command line: ``--seeds``, ``--first-seed``, ``--scenarios``, ``--methods``, ``--epochs``,
+    ``--results``; the table goes to the section ``heading`` of the results file.
 
     ``--first-seed 5`` checks defaults chosen on seeds 0 … 4 on seeds they were not chosen on.
     """
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=seeds, help="how many seeds")
     parser.add_argument("--first-seed", type=int, default=0, help="the seeds are first-seed … first-seed+seeds-1")
-    parser.add_argument("--scenarios", nargs="+", default=scenarios, choices=["split", "split-task", "permuted"])
+    parser.add_argument("--scenarios", nargs="+", default=scenarios, choices=list(SCENARIOS))
     parser.add_argument("--methods", nargs="+", default=list(grid), choices=list(grid))
     parser.add_argument("--epochs", type=int, default=10, help="epochs per task (the reference protocol: 10)")
+    add_results_argument(parser)
     args = parser.parse_args()
+    quiet_lightning()
     seed_range = range(args.first_seed, args.first_seed + args.seeds)
-    sweep({name: grid[name] for name in args.methods}, args.scenarios, seed_range, args.epochs)
+    lines = sweep({name: grid[name] for name in args.methods}, args.scenarios, seed_range, args.epochs)
+    publish(args.results, heading, lines)
 
 
-def sweep(grid: Grid, scenarios: list[str], seeds: range, epochs: int = 10) -> None:
-    """Print the final average accuracy and forgetting (means over ``seeds``) of every configuration.
+def sweep(grid: Grid, scenarios: list[str], seeds: range, epochs: int = 10) -> list[str]:
+    """A table of the final average accuracy (mean ± std over ``seeds``) and the forgetting (mean) of every
+    configuration on every scenario; one line printed per configuration and scenario as it is measured.
 
-    ``grid`` maps a method name to ``(setting, build)`` pairs; ``build()`` returns fresh callbacks. Each run is
-    the reference protocol of ``docs/architecture.md`` (``lightning_incremental.cli.run_method``) with the seed changing
-    the model's initialisation and the data order.
+    ``grid`` maps a method name to ``(setting, build)`` pairs; ``build()`` returns fresh callbacks, the optimizer's
+    state included where the setting carries it. Each run is the reference protocol of ``docs/architecture.md``
+    (``lightning_incremental.experiment.run_method``) with the seed changing the model's initialisation and the
+    data order.
     """
-    from lightning_incremental.catalog import MethodSpec
-    from lightning_incremental.cli import make_stream, run_method
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # after lightning's import-time setup
-    warnings.filterwarnings("ignore")
     print(f"seeds {seeds.start} … {seeds.stop - 1}, {epochs} epochs per task")
-    print(f"{'scenario':<9} {'method':<24} {'setting':<28} {'avg acc':>8} {'std':>6} {'forgetting':>11}")
+    cells: dict[tuple[str, str], list[str]] = {
+        (method, setting): [] for method, pairs in grid.items() for setting, _ in pairs
+    }
     for scenario in scenarios:
         streams = {seed: make_stream(scenario, 5, seed) for seed in seeds}
         for method, settings in grid.items():
             for setting, build in settings:
-                accs, forgets = [], []
-                for seed, stream in streams.items():
-                    spec = MethodSpec(method, "sweep", "", build, keep_optimizer_state=False)  # the grid decides
-                    result, _ = run_method(spec, stream, epochs=epochs, seed=seed)
-                    accs.append(result.summary()["acc"])
-                    forgets.append(result.summary()["forgetting"])
+                spec = MethodSpec(method, "sweep", "", build, keep_optimizer_state=False)  # the grid decides
+                runs = [run_method(spec, stream, epochs=epochs, seed=seed).result for seed, stream in streams.items()]
+                accs = [result.summary()["acc"] for result in runs]
+                forgetting = statistics.mean(result.summary()["forgetting"] for result in runs)
                 spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+                cells[method, setting] += [f"{statistics.mean(accs):.3f} ± {spread:.3f}", f"{forgetting:.3f}"]
                 print(
-                    f"{scenario:<9} {method:<24} {setting:<28} {statistics.mean(accs):>8.4f} {spread:>6.3f} "
-                    f"{statistics.mean(forgets):>11.4f}",
+                    f"{scenario:<10} {method:<24} {setting:<28} {cells[method, setting][-2]:>13} {forgetting:>7.3f}",
                     flush=True,
                 )
+    lines = [
+        f"Final average accuracy (mean ± std over seeds {seeds.start} … {seeds.stop - 1}) and forgetting (mean), the "
+        f"reference protocol, {epochs} epochs a task.",
+        "",
+        "| method | setting | " + " | ".join(f"{s}: avg acc | {s}: forgetting" for s in scenarios) + " |",
+        "|---|---|" + "---|---|" * len(scenarios),
+    ]
+    lines += [f"| {method} | {setting} | " + " | ".join(row) + " |" for (method, setting), row in cells.items()]
+    return lines

@@ -1,62 +1,61 @@
-"""Regenerate benchmarks/RESULTS.md: accuracy of every method x scenario over seeds, and step-time ratios.
+"""The catalog's own sections of benchmarks/RESULTS.md: every method's accuracy per scenario, and its step time.
 
-    python benchmarks/run_all.py                 # the full table: 3 seeds, 3 scenarios, every method
-    python benchmarks/run_all.py --seeds 1 --methods naive ewc --skip-overhead   # a quick look
+    python benchmarks/run_all.py                 # the full tables: 3 seeds, 3 scenarios, every method
+    python benchmarks/run_all.py --quick         # a smoke run of its sections: see QUICK
     python benchmarks/run_all.py --first-seed 5 --seeds 5 --scenarios permuted \
-        --methods naive ewc ewc_separate si mas l2 replay derpp --skip-overhead --output benchmarks/HELD_OUT.md
+        --methods naive ewc ewc_separate si mas l2 replay derpp --skip-overhead --results benchmarks/HELD_OUT.md
                                                  # the defaults on seeds their sweeps did not see
 
+It writes one section per scenario, ``Final accuracy: <scenario>``, and ``Overhead over naive fine-tuning``, and
+leaves every other section of the file as it is: the other scripts write those (``benchmarks/README.md``).
 Accuracy follows the reference protocol of ``docs/architecture.md`` (digits, MLP 64-256-256-10, Adam 1e-3, batch 32,
-10 epochs per task, 5 tasks) with each method's documented defaults, as the command line runs it; the
-table gives mean ± std over the seeds. The overhead table times every method's training step on the
-second task against naive fine-tuning, measured interleaved in the same run (benchmarks/harness.py).
+10 epochs per task, 5 tasks) with each method's catalog defaults, as the command line runs it
+(``lightning_incremental.experiment.run_method``); the table gives mean ± std over the seeds. The overhead table
+times every method's training step on the second task against naive fine-tuning, measured interleaved in the same
+run (``benchmarks/harness.py``).
 """
 
 import argparse
-import logging
-import platform
 import statistics
 import sys
-import warnings
-from datetime import date
 from pathlib import Path
-
-import lightning
-import torch
-import torchmetrics
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import MLP, compare, setup_threads
+from harness import MLP, compare, quiet_lightning, setup_threads
+from sections import add_results_argument, publish
 
 from lightning_incremental.catalog import registry
-from lightning_incremental.cli import SCENARIOS, make_stream, run_method
+from lightning_incremental.experiment import SCENARIOS, make_stream, run_method
 
 METRICS = (("acc", "avg acc"), ("forgetting", "forgetting"), ("bwt", "BWT"))
+# --quick: the two ends of the catalog (one forgets, one keeps), 1 seed, 2 tasks of 1 epoch, no timing
+QUICK = {"methods": ["naive", "replay"], "seeds": 1, "tasks": 2, "epochs": 1}
+FULL = {"methods": list(registry()), "seeds": 3, "tasks": 5, "epochs": 10}
 
 
-def accuracy_tables(methods: list[str], scenarios: list[str], seeds: range, epochs: int) -> list[str]:
-    lines = []
+def accuracy_table(methods: list[str], scenario: str, seeds: range, tasks: int, epochs: int) -> list[str]:
     specs = registry()
-    for scenario in scenarios:
-        lines += [f"### {scenario} — {SCENARIOS[scenario]}", ""]
-        header = " | ".join(title for _, title in METRICS)
-        lines += [f"| method | {header} | avg acc, seed {seeds.start} | wall s |", "|---" * 6 + "|"]
-        for name in methods:
-            runs = []
-            for seed in seeds:
-                stream = make_stream(scenario, 5, seed)
-                runs.append(run_method(specs[name], stream, epochs=epochs, seed=seed))
-                print(f"{scenario:<10} {name:<12} seed {seed}: acc {runs[-1][0].summary()['acc']:.4f}", flush=True)
-            cells = []
-            for key, _ in METRICS:
-                values = [result.summary()[key] for result, _ in runs]
-                spread = statistics.stdev(values) if len(values) > 1 else 0.0
-                cells.append(f"{statistics.mean(values):.3f} ± {spread:.3f}")
-            seconds = statistics.mean(wall for _, wall in runs)
-            first = runs[0][0].summary()["acc"]
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {first:.4f} | {seconds:.1f} |")
-        lines.append("")
+    lines = [
+        f"{SCENARIOS[scenario]}. Final average accuracy, forgetting and BWT, mean ± std over seeds {seeds.start} … "
+        f"{seeds.stop - 1}, {tasks} tasks of {epochs} epoch(s); the wall seconds of a run, mean.",
+        "",
+    ]
+    header = " | ".join(title for _, title in METRICS)
+    lines += [f"| method | {header} | avg acc, seed {seeds.start} | wall s |", "|---" * 6 + "|"]
+    for name in methods:
+        runs = []
+        for seed in seeds:
+            runs.append(run_method(specs[name], make_stream(scenario, tasks, seed), epochs=epochs, seed=seed))
+            print(f"{scenario:<10} {name:<12} seed {seed}: acc {runs[-1].result.summary()['acc']:.4f}", flush=True)
+        cells = []
+        for key, _ in METRICS:
+            values = [run.result.summary()[key] for run in runs]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.3f} ± {spread:.3f}")
+        seconds = statistics.mean(run.seconds for run in runs)
+        first = runs[0].result.summary()["acc"]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {first:.4f} | {seconds:.1f} |")
     return lines
 
 
@@ -72,50 +71,44 @@ def overhead_table(methods: list[str], repeats: int) -> list[str]:
     lines = [
         f"Step time on the second task, {MLP.name}, median of {repeats} interleaved repeats. Replay methods",
         "train on more rows per step than naive here (ExperienceReplay: 4 replayed rows per new row; DER/DER++:",
-        "one or two replayed samples of the batch's size); `benchmarks/replay_overhead.py` compares them with",
+        "one or two replayed samples of the batch's size); `benchmarks/timing/replay_overhead.py` compares them with",
         "naive fine-tuning on the same number of rows.",
         "",
     ]
     lines += ["| method | ms/step | ratio over naive |", "|---|---|---|"]
     lines += [f"| {name} | {s * 1e3:.2f} | {s / medians['naive']:.3f} |" for name, s in medians.items()]
-    return [*lines, ""]
+    return lines
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"defaults {QUICK}, no overhead table")
+    parser.add_argument("--methods", nargs="+", choices=list(registry()), help="default: every method")
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--seeds", type=int, help="how many seeds (default: 3)")
+    parser.add_argument("--first-seed", type=int, default=0, help="the seeds are first-seed … first-seed+seeds-1")
+    parser.add_argument("--tasks", type=int, help="tasks per stream (default: 5, the reference protocol)")
+    parser.add_argument("--epochs", type=int, help="epochs per task (default: 10, the reference protocol)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of the overhead timing")
+    parser.add_argument("--skip-overhead", action="store_true")
+    add_results_argument(parser)
+    args = parser.parse_args()
+    for option, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, option) is None:
+            setattr(args, option, value)
+    args.skip_overhead = args.skip_overhead or args.quick
+    return args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=list(registry()))
-    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--first-seed", type=int, default=0, help="the seeds are first-seed … first-seed+seeds-1")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of the overhead timing")
-    parser.add_argument("--skip-overhead", action="store_true")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "RESULTS.md")
-    args = parser.parse_args()
-    unknown = sorted(set(args.methods) - set(registry()))
-    if unknown:
-        parser.error(f"unknown method(s) {unknown}; choose from {', '.join(registry())}")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
+    args = parse_args()
+    quiet_lightning()
     seeds = range(args.first_seed, args.first_seed + args.seeds)
-
-    lines = [
-        "# Benchmark results",
-        "",
-        f"Produced by `python benchmarks/run_all.py {' '.join(sys.argv[1:])}`".rstrip() + f" on {date.today()}.",
-        "",
-        f"Machine: {platform.platform()}, {torch.get_num_threads()} torch threads, {platform.processor() or 'cpu'};"
-        f" Python {platform.python_version()}, torch {torch.__version__}, lightning {lightning.__version__},"
-        f" torchmetrics {torchmetrics.__version__}.",
-        "",
-        f"## Final accuracy (mean ± std over seeds {seeds.start} … {seeds.stop - 1})",
-        "",
-        *accuracy_tables(args.methods, args.scenarios, seeds, args.epochs),
-    ]
+    for scenario in args.scenarios:
+        table = accuracy_table(args.methods, scenario, seeds, args.tasks, args.epochs)
+        publish(args.results, f"Final accuracy: {scenario}", table)
     if not args.skip_overhead:
-        lines += ["## Overhead over naive fine-tuning", "", *overhead_table(args.methods, args.repeats)]
-    args.output.write_text("\n".join(lines))
-    print(f"wrote {args.output}")
+        publish(args.results, "Overhead over naive fine-tuning", overhead_table(args.methods, args.repeats))
 
 
 if __name__ == "__main__":

@@ -28,11 +28,10 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_incremental.core import batch_leaves, with_leaves
+from lightning_incremental.core import IGNORE_INDEX, batch_leaves, with_leaves
 
 Policy = Literal["reservoir", "class_balanced", "task_balanced"]
 POLICIES = ("reservoir", "class_balanced", "task_balanced")
-IGNORE_INDEX = -100  # the label PyTorch's and Hugging Face's losses ignore
 LABEL_KEYS = ("labels", "label", "target", "targets", "y")
 PadValue = int | float
 
@@ -362,10 +361,10 @@ class ReplayBuffer:
 
 
 # ---------------------------------------------------------------------------------------------- sequences
-def pad_to(tensor: Tensor, length: int, value: PadValue) -> Tensor:
+def pad_length(tensor: Tensor, length: int, value: PadValue) -> Tensor:
     """``tensor`` (``[B, T, ...]``) padded with ``value`` along its second dimension to ``length`` (>= ``T``).
 
-    >>> pad_to(torch.tensor([[1, 2]]), 4, -100).tolist()
+    >>> pad_length(torch.tensor([[1, 2]]), 4, -100).tolist()
     [[1, 2, -100, -100]]
     """
     if tensor.shape[1] == length:
@@ -389,7 +388,7 @@ def concat_padded(batch: Any, extra: Any, pad_values: Sequence[PadValue]) -> Any
         more = more.to(device=current.device, dtype=current.dtype)
         if current.ndim >= 2 and current.shape[1] != more.shape[1]:
             length = max(current.shape[1], more.shape[1])
-            current, more = pad_to(current, length, pad), pad_to(more, length, pad)
+            current, more = pad_length(current, length, pad), pad_length(more, length, pad)
         joined.append(torch.cat([current, more]))
     return with_leaves(batch, joined)
 
@@ -429,7 +428,7 @@ def pad_values_for(
     for name, tensor in zip(names, leaves, strict=True):
         if name in given:
             pads.append(given[name])
-        elif _is_integer(tensor) and (tensor is targets or name in LABEL_KEYS):
+        elif _has_integer_dtype(tensor) and (tensor is targets or name in LABEL_KEYS):
             pads.append(IGNORE_INDEX)
         elif name is not None and name.endswith("input_ids"):
             pads.append(_pad_id(tensor, siblings.get(name[: -len("input_ids")] + "attention_mask")))
@@ -438,7 +437,7 @@ def pad_values_for(
     return pads
 
 
-def _is_integer(tensor: Tensor) -> bool:
+def _has_integer_dtype(tensor: Tensor) -> bool:
     return tensor.dtype in (torch.int16, torch.int32, torch.int64)
 
 
@@ -476,8 +475,8 @@ def _write(
         if lengths is None:  # every row so far had the storage's length
             lengths = torch.full((store.shape[0],), store.shape[1], dtype=torch.long)
         if length > store.shape[1]:
-            store = pad_to(store, length, pad)
-        rows = pad_to(rows, store.shape[1], pad)
+            store = pad_length(store, length, pad)
+        rows = pad_length(rows, store.shape[1], pad)
         lengths[slot_host] = length
     store.index_copy_(0, slots, rows.to(store))
     return store, lengths
@@ -500,7 +499,7 @@ def _pool(shards: list[tuple[Tensor, Tensor | None]], pad: PadValue) -> tuple[Te
     if all(own is None and t.shape[1] == longest for t, own in shards):
         return torch.cat(rows), None
     lengths = [torch.full((len(t),), t.shape[1], dtype=torch.long) if own is None else own for t, own in shards]
-    return torch.cat([pad_to(t, longest, pad) for t in rows]), torch.cat(lengths)
+    return torch.cat([pad_length(t, longest, pad) for t in rows]), torch.cat(lengths)
 
 
 def _members_of(groups: Tensor, policy: str) -> dict[str, list[int]]:

@@ -41,7 +41,7 @@ class MethodSpec:
         cumulative: train each task on the union of the tasks so far (the joint upper bound).
         keep_optimizer_state: whether its reference runs carry the optimizer's state from task to task
             (:class:`~lightning_incremental.KeepOptimizerState`): the setting the measurements favour for this
-            method (``benchmarks/optimizer_state.py``, RESULTS.md).
+            method (``benchmarks/studies/optimizer_state.py``, RESULTS.md).
     """
 
     name: str
@@ -67,7 +67,7 @@ class MethodSpec:
 
 # Every method's reference runs carry the optimizer's state from task to task except the four whose final
 # accuracy it lowers by more than 3 points on the class-incremental split (A-GEM, LoRA, interpolation and Fisher
-# merging) and task arithmetic (see its entry): benchmarks/optimizer_state.py, RESULTS.md "The optimizer's state
+# merging) and task arithmetic (see its entry): benchmarks/studies/optimizer_state.py, RESULTS.md "The optimizer's state
 # across tasks".
 METHODS: list[MethodSpec] = [
     MethodSpec("naive", "baseline", "Plain fine-tuning on each task in turn (the lower bound).", lambda: []),

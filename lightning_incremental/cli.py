@@ -2,14 +2,14 @@
 
 With no arguments it runs the main job: every registered method, plus the naive and joint baselines, on
 the class-incremental split of scikit-learn's bundled digits with the reference protocol (``docs/architecture.md``),
-and writes the results (JSON, CSV, heat maps) to ``lightning-incremental-results/``.
+and writes the results (JSON, CSV, heat maps) to ``lightning-incremental-results/``. Each method's run is
+:func:`lightning_incremental.experiment.run_method`'s, as in the benchmarks.
 """
 
 import argparse
 import csv
 import json
 import logging
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,18 +22,12 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typing_extensions import override
 
 from lightning_incremental.catalog import MethodSpec, registry
-from lightning_incremental.evaluation import ContinualEvaluation, ContinualResult
-from lightning_incremental.heads import GrowHeads
-from lightning_incremental.models import MLPClassifier
-from lightning_incremental.scenarios import TaskStream, digits_stream
+from lightning_incremental.evaluation import ContinualResult
+from lightning_incremental.experiment import SCENARIOS, make_stream, run_method
 
-SCENARIOS = {
-    "split": "class-incremental: digits (0,1), (2,3), … one pair per task, one 10-way head",
-    "split-task": "task-incremental: the same split, the task label in the batch, logits masked per task",
-    "permuted": "domain-incremental: all digits, task 0 unpermuted, tasks 1… a fixed pixel permutation each",
-}
 COLUMNS = ("acc", "avg_incremental_acc", "bwt", "fwt", "forgetting")
 
 
@@ -81,61 +75,15 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list
     return [methods[name] for name in dict.fromkeys(names)]
 
 
-def make_stream(scenario: str, n_tasks: int, seed: int) -> TaskStream:
-    if scenario == "permuted":
-        return digits_stream("permuted", n_tasks=n_tasks, seed=seed)
-    return digits_stream("split", n_tasks=n_tasks, seed=seed, task_labels=scenario == "split-task")
-
-
 class _TaskProgress(Callback):
     """Advances the command line's progress bar by one task at the end of every fit."""
 
     def __init__(self, progress: Progress, bar: Any) -> None:
         self.progress, self.bar = progress, bar
 
+    @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.progress.advance(self.bar)
-
-
-def run_method(
-    spec: MethodSpec,
-    stream: TaskStream,
-    epochs: int = 10,
-    batch_size: int = 32,
-    seed: int = 0,
-    trainer_kwargs: dict[str, Any] | None = None,
-    callbacks: Sequence[Callback] = (),
-    keep_optimizer_state: bool | None = None,
-) -> tuple[ContinualResult, float]:
-    """Train a fresh reference model with ``spec`` over ``stream``: the result and the wall seconds.
-
-    The reference protocol (``docs/architecture.md``): MLPClassifier (hidden 256-256, Adam 1e-3), seeded with ``seed``;
-    on a task-incremental stream its head is a ``MultiHeadClassifier`` grown by ``GrowHeads`` (one head per task).
-    ``callbacks`` (progress, …) are added to every Trainer; ``trainer_kwargs`` go to every Trainer. A method with
-    a ``predict(pl_module, batch)`` (iCaRL) is evaluated with it. The optimizer's state is carried from task to
-    task where the method's spec says so, unless ``keep_optimizer_state`` says otherwise.
-    """
-    L.seed_everything(seed, verbose=False)
-    n_features = stream[0].train[0][0].numel()
-    multi_head = stream.scenario == "task-incremental"
-    model = MLPClassifier(n_features, stream.num_classes, head="multihead" if multi_head else "linear")
-    methods = spec.callbacks(keep_optimizer_state)
-    # a method that classifies on its own (iCaRL's nearest mean of exemplars) exposes `predict(pl_module, batch)`
-    predict = next((method.predict for method in methods if callable(getattr(method, "predict", None))), None)
-    evaluation = ContinualEvaluation(stream, predict=predict)
-    all_callbacks = [*([GrowHeads()] if multi_head else []), *methods, *callbacks, evaluation]
-    settings = {
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        **(trainer_kwargs or {}),
-    }
-    started = time.perf_counter()
-    for task in stream.cumulative() if spec.cumulative else stream:
-        trainer = L.Trainer(max_epochs=epochs, callbacks=all_callbacks, **settings)
-        trainer.fit(model, task.train_dataloader(batch_size=batch_size, shuffle=True))
-    return evaluation.result(), time.perf_counter() - started
 
 
 def write_results(
@@ -217,16 +165,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "precision": args.precision,
                 "logger": CSVLogger(args.output / "logs", name=f"{args.scenario}-{spec.name}"),
             }
-            results[spec.name] = run_method(
+            run = run_method(
                 spec,
                 stream,
-                args.epochs,
-                args.batch_size,
-                args.seed,
-                trainer_kwargs,
-                [_TaskProgress(progress, bar)],
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                trainer_kwargs=trainer_kwargs,
+                callbacks=[_TaskProgress(progress, bar)],
                 keep_optimizer_state=False if args.reset_optimizer else None,
             )
+            results[spec.name] = run.result, run.seconds
     console.print(results_table(args.scenario, results))
     write_results(args.output, args.scenario, config, results)
     console.print(f"results, logs and figures in {args.output}/")

@@ -9,22 +9,24 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lightning_incremental import metrics
 from lightning_incremental.core import (
+    IGNORE_INDEX,
     ContinualCallback,
     ModelInterface,
-    _lightning,
     check_interface_argument,
+    continue_logging_step,
     interface_of,
-    private_pass,
+    logging_step,
+    own_pass,
+    rows_of,
 )
 from lightning_incremental.scenarios.stream import Task, TaskStream
 
@@ -35,7 +37,6 @@ PredictFn = Callable[[LightningModule, Any], Tensor]
 CollateFn = Callable[[list[Any]], Any]
 
 DEFAULT_METRIC = "acc"  # the name of the default metric, accuracy
-IGNORE_INDEX = -100  # labels the default accuracy skips (Hugging Face's padding label)
 
 
 @dataclass
@@ -322,63 +323,55 @@ class ContinualEvaluation(ContinualCallback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        if _lightning.logging_step(trainer) < self.log_step:  # a new Trainer: continue the axis of the earlier tasks
-            _lightning.continue_logging_step(trainer, self.log_step)
+        if logging_step(trainer) < self.log_step:  # a new Trainer: continue the axis of the earlier tasks
+            continue_logging_step(trainer, self.log_step)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for name, row in self.evaluate(trainer, pl_module).items():
             self.matrices[name].append(row)
-        self.log_step = max(self.log_step, _lightning.logging_step(trainer))
+        self.log_step = max(self.log_step, logging_step(trainer))
         self._log(trainer)
         super().on_fit_end(trainer, pl_module)
 
     def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, list[float]]:
         """Every metric on every task's test set, ``{name: [value on task 0, …]}``, the same on every DDP rank."""
         values: dict[str, list[float]] = {name: [] for name in self.matrices}
-        with self._evaluation_pass(trainer, pl_module) as interface:
+        interface = interface_of(pl_module, self.model_interface)
+        with _on_root_device(trainer, pl_module):
             for task in self.stream:
                 metric = self._fresh_metric(trainer)
-                for batch in self._test_loader(trainer, task):
-                    metric.update(*self._predictions_and_targets(trainer, pl_module, interface, batch, task))
-                computed = metric.compute()
+                with own_pass(trainer, pl_module, self._test_rows(trainer, task), autocast=False) as batches:
+                    for batch in batches:
+                        metric.update(*self._predictions_and_targets(trainer, pl_module, interface, batch, task))
+                    computed = metric.compute()
                 for name, row in values.items():
                     row.append(_scalar(computed, name, task))
         return values
 
     def _check_a_batch(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """One test batch through the model and the metric, so a metric that does not fit fails before training."""
-        with self._evaluation_pass(trainer, pl_module) as interface:
-            task = self.stream[0]
-            batch = next(iter(self._test_loader(trainer, task)), None)
+        interface, task = interface_of(pl_module, self.model_interface), self.stream[0]
+        rows = self._test_rows(trainer, task)
+        with _on_root_device(trainer, pl_module), own_pass(trainer, pl_module, rows, autocast=False) as batches:
+            batch = next(batches, None)
             if batch is not None:
-                self._fresh_metric(trainer).update(
-                    *self._predictions_and_targets(trainer, pl_module, interface, batch, task)
-                )
-
-    @contextmanager
-    def _evaluation_pass(self, trainer: Trainer, pl_module: LightningModule) -> Iterator[ModelInterface]:
-        home = pl_module.device
-        pl_module.to(trainer.strategy.root_device)
-        try:
-            with private_pass(pl_module), torch.no_grad():
-                yield interface_of(pl_module, self.model_interface)
-        finally:
-            pl_module.to(home)
+                metric = self._fresh_metric(trainer)
+                metric.update(*self._predictions_and_targets(trainer, pl_module, interface, batch, task))
 
     def _fresh_metric(self, trainer: Trainer) -> MetricCollection:
         metric = self.metric.clone().to(trainer.strategy.root_device)
         metric.reset()
         return metric
 
-    def _test_loader(self, trainer: Trainer, task: Task) -> DataLoader:
-        share = Subset(task.test, range(trainer.global_rank, len(task.test), trainer.world_size))  # type: ignore[arg-type]
-        return DataLoader(share, batch_size=self.batch_size, collate_fn=self.collate_fn)
+    def _test_rows(self, trainer: Trainer, task: Task) -> DataLoader:
+        """This rank's share of the task's test set, every row once over the ranks."""
+        return rows_of(task.test, self.batch_size, self.collate_fn, trainer.global_rank, trainer.world_size)
 
     def _predictions_and_targets(
         self, trainer: Trainer, pl_module: LightningModule, interface: ModelInterface, batch: Any, task: Task
     ) -> tuple[Tensor, Tensor]:
-        batch = move_data_to_device(batch, trainer.strategy.root_device)
+        """The predictions and targets of a batch already on the model's device, inside the evaluation's pass."""
         targets = interface.targets(batch)
         if self.measures_default_accuracy and targets.is_floating_point():
             raise ValueError(
@@ -386,10 +379,9 @@ class ContinualEvaluation(ContinualCallback):
                 f"of task {task.index} are floating point (a regression stream?). Pass a metric that fits them, e.g. "
                 "`ContinualEvaluation(stream, metric=torchmetrics.MeanSquaredError())`."
             )
+        predict = self.predict if self.predict is not None else interface.predict
         with trainer.precision_plugin.forward_context():
-            predictions = (
-                self.predict(pl_module, batch) if self.predict is not None else interface.predict(pl_module, batch)
-            )
+            predictions = predict(pl_module, batch)
         if predictions.is_floating_point():
             predictions = _grown_to(predictions.float(), targets, self.stream.num_classes)
         if self.task_incremental:
@@ -408,6 +400,17 @@ class ContinualEvaluation(ContinualCallback):
         for logger in trainer.loggers:
             logger.log_metrics(values, step=self.log_step)
             logger.save()
+
+
+@contextmanager
+def _on_root_device(trainer: Trainer, pl_module: LightningModule) -> Iterator[None]:
+    """The model on the strategy's device inside the block (a fit may end with it elsewhere), back after."""
+    home = pl_module.device
+    pl_module.to(trainer.strategy.root_device)
+    try:
+        yield
+    finally:
+        pl_module.to(home)
 
 
 def _as_collection(metric: Metric | MetricCollection | None, stream: TaskStream) -> MetricCollection:

@@ -25,11 +25,11 @@ from typing_extensions import override
 from lightning_incremental.core import (
     ContinualCallback,
     ModelInterface,
+    are_class_labels,
     check_interface_argument,
     interface_of,
     task_of,
 )
-from lightning_incremental.methods.replay._base import _are_class_labels
 
 NEEDS_CLASS_LABELS = (
     "Class-incremental heads need integer class labels: for real-valued (regression) targets use a fixed output "
@@ -233,7 +233,7 @@ class GrowHeads(ContinualCallback):
         if not interface.has_targets(batch):
             return
         targets = interface.targets(batch)
-        if not _are_class_labels(targets):
+        if not are_class_labels(targets):
             raise ValueError(
                 f"`GrowHeads` grows classifier heads by class and needs one integer class label per row, but the "
                 f"targets are {targets.dtype} of shape {list(targets.shape)}. {NEEDS_CLASS_LABELS} If the class "
@@ -243,7 +243,7 @@ class GrowHeads(ContinualCallback):
 
 def _class_count(value: Any, argument: str) -> int:
     """``value`` as a whole number of classes; anything else raises, naming ``argument`` and the fix."""
-    if not _is_integer(value):
+    if not _is_whole_number(value):
         raise ValueError(f"`{argument}` must be a whole number of classes, got {value!r}. {NEEDS_CLASS_LABELS}")
     return operator.index(value)
 
@@ -251,12 +251,12 @@ def _class_count(value: Any, argument: str) -> int:
 def _class_list(values: Iterable[Any], what: str) -> list[int]:
     """``values`` as a non-empty list of integer class labels; anything else raises, with ``what`` and the fix."""
     values = list(values)
-    if not values or not all(_is_integer(value) for value in values):
+    if not values or not all(_is_whole_number(value) for value in values):
         raise ValueError(f"{what} has classes {values!r}, not integer class labels. {NEEDS_CLASS_LABELS}")
     return [operator.index(value) for value in values]
 
 
-def _is_integer(value: Any) -> bool:
+def _is_whole_number(value: Any) -> bool:
     """An int, a NumPy integer or an integer tensor of one element; not a bool, not a float."""
     if isinstance(value, bool):
         return False

@@ -1,5 +1,5 @@
 """The reference models of the benchmarks and the command line (``docs/architecture.md``): an MLP classifier, and
-the source documents' MLP regressor."""
+a small MLP regressor."""
 
 import itertools
 from collections.abc import Sequence
@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch.nn import functional as F
+from typing_extensions import override
 
 from lightning_incremental.core.batch import split_batch, task_labels_of
 from lightning_incremental.heads import IncrementalClassifier, MultiHeadClassifier
@@ -64,9 +65,11 @@ class MLPClassifier(LightningModule):
         """The last layer: the classifier head."""
         return self.net[-1]
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x.flatten(1))
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = split_batch(batch)
         logits, task_labels = self(x), task_labels_of(batch)
@@ -76,12 +79,13 @@ class MLPClassifier(LightningModule):
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
+    @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
 class MLPRegressor(LightningModule):
-    """The source documents' regression model: ``Linear(in, 20) -> ReLU -> Linear(20, 1)``, MSE and Adam.
+    """The reference regression model: ``Linear(in, 20) -> ReLU -> Linear(20, 1)``, MSE and Adam.
 
     A plain LightningModule like :class:`MLPClassifier`; the regression stream of the benchmarks and the
     conformance suite trains it (:func:`~lightning_incremental.scenarios.regression_stream`).
@@ -96,14 +100,17 @@ class MLPRegressor(LightningModule):
         self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
         self.lr = lr
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch[0], batch[1]
         loss = F.mse_loss(self(x).squeeze(-1), y.float())
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
+    @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)

@@ -9,8 +9,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_incremental.core import ContinualCallback
-from lightning_incremental.methods.regularization._quadratic import pad_to
+from lightning_incremental.core import ContinualCallback, grow_to
 
 
 def grow_param_state(state: dict[str, Any], old_shape: torch.Size, new_shape: torch.Size) -> dict[str, Any]:
@@ -36,7 +35,7 @@ def grow_param_state(state: dict[str, Any], old_shape: torch.Size, new_shape: to
                     f"cannot pad the optimizer state {key!r} of shape {tuple(value.shape)} to a parameter grown "
                     f"from {tuple(old_shape)} to {tuple(new_shape)}"
                 )
-            value = pad_to(value, new_shape)
+            value = grow_to(value, new_shape)
         grown[key] = value
     return grown
 
@@ -144,11 +143,7 @@ class KeepOptimizerState(ContinualCallback):
     # ------------------------------------------------------------------ task boundaries
     @override
     def on_task_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        try:
-            self._carry_into(trainer, pl_module)
-        except ValueError:
-            self._task_in_progress = False  # refused: the fit after the fix starts this task, it resumes nothing
-            raise
+        self._carry_into(trainer, pl_module)
 
     @override
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch.nn import functional as F
+from typing_extensions import override
 
 INSTALL_HINT = 'pip install -e ".[pretrained]"'
 
@@ -163,14 +164,17 @@ class TextClassifier(LightningModule):
         hidden = output if isinstance(output, Tensor) else output.last_hidden_state
         return mean_pool(hidden, attention_mask)
 
+    @override
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return self.head(self.embed(input_ids, attention_mask))
 
+    @override
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         loss = F.cross_entropy(self(batch["input_ids"], batch.get("attention_mask")), batch["labels"])
         self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
         return loss
 
+    @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         head = [p for p in self.head.parameters() if p.requires_grad]
         ids = {id(p) for p in self.head.parameters()}

@@ -12,8 +12,9 @@ from lightning.pytorch import Callback
 from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
 
-from lightning_incremental import ContinualEvaluation, MLPClassifier
+from lightning_incremental import ContinualEvaluation, MLPClassifier, experiment
 from lightning_incremental.catalog import MethodSpec
+from lightning_incremental.experiment import MethodRun
 from lightning_incremental.scenarios import Task, TaskStream
 
 QUIET: dict[str, Any] = {
@@ -32,10 +33,14 @@ COLLATE: dict[str, Callable] = {
 }
 
 
+def tiny_mlp(stream: TaskStream) -> MLPClassifier:
+    """The conformance suite's model: one hidden layer of 32 units, Adam 1e-2."""
+    return MLPClassifier(stream[0].train[0][0].numel(), stream.num_classes, hidden=(32,), lr=1e-2)
+
+
 def tiny_model(stream: TaskStream, seed: int = 0) -> MLPClassifier:
     L.seed_everything(seed, verbose=False)
-    n_features = stream[0].train[0][0].numel()
-    return MLPClassifier(n_features, stream.num_classes, hidden=(32,), lr=1e-2)
+    return tiny_mlp(stream)
 
 
 def train_loader(task: Task, style: str = "list", batch_size: int = 8) -> DataLoader:
@@ -46,16 +51,8 @@ def trainer(epochs: int = 2, callbacks: Sequence[Callback] = (), **kwargs: Any) 
     return L.Trainer(max_epochs=epochs, callbacks=list(callbacks), **{**QUIET, **kwargs})
 
 
-class RunResult:
-    def __init__(self, model: MLPClassifier, evaluation: ContinualEvaluation, methods: list[Callback]) -> None:
-        self.model, self.evaluation, self.methods = model, evaluation, methods
-
-    @property
-    def matrix(self) -> list[list[float]]:
-        return self.evaluation.matrix
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def stream_for(spec: MethodSpec, stream: TaskStream) -> TaskStream:
@@ -64,14 +61,20 @@ def stream_for(spec: MethodSpec, stream: TaskStream) -> TaskStream:
 
 def run_method(
     spec: MethodSpec, stream: TaskStream, epochs: int = 2, style: str = "list", **trainer_kwargs: Any
-) -> RunResult:
-    """Train a fresh tiny model with fresh callbacks of ``spec`` over every task of ``stream``."""
-    model = tiny_model(stream)
-    methods = spec.callbacks()
-    evaluation = ContinualEvaluation(stream)
-    for task in stream_for(spec, stream):
-        trainer(epochs, [*methods, evaluation], **trainer_kwargs).fit(model, train_loader(task, style))
-    return RunResult(model, evaluation, methods)
+) -> MethodRun:
+    """Train a fresh tiny model with fresh callbacks of ``spec`` over every task of ``stream``, in order, batches of
+    8 in the given style, evaluated by the model's own predictions."""
+    return experiment.run_method(
+        spec,
+        stream,
+        model=tiny_mlp,
+        epochs=epochs,
+        batch_size=8,
+        shuffle=False,
+        dataloader_kwargs={"collate_fn": COLLATE[style]},
+        trainer_kwargs={**QUIET, **trainer_kwargs},
+        evaluation=ContinualEvaluation(stream),
+    )
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-6) -> None:

@@ -150,7 +150,7 @@ def test_two_ddp_processes_fit_the_same_heads_as_one_process(split_stream, tmp_p
             "prototypes": prototype_model.head.prototypes.clone(),
             "weight": ridge_model.head.weight.clone(),
             "ridge": ranpac.chosen_ridge,
-            "statistics": {key: value for key, value in ranpac.state_dict().items() if key.startswith("gram")},
+            "statistics": {key: value for key, value in ranpac.state_dict()["statistics"].items() if "gram" in key},
         }
 
     def worker(rank: int, out_dir: Path) -> None:
@@ -185,6 +185,31 @@ def test_checkpoint_between_tasks_resumes_as_if_never_stopped(split_stream, tmp_
         fit_tasks_with(m, [h], [split_stream[1]])
     assert_same_state(restored.state_dict(), head.state_dict())
     assert_same_state(restored_model.state_dict(), model.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("head_type", "arguments", "names"),
+    [
+        (PrototypeHead, {}, ["class_counts", "class_sums"]),
+        (RanPACHead, {"ridge": 1.0}, ["class_counts", "gram", "targets_sum"]),
+        (RanPACHead, {}, ["class_counts", "gram", "gram_val", "targets_sum", "targets_val", "val_rows"]),
+    ],
+)
+def test_the_statistics_are_named_states_that_rebuild_the_head_from_a_state_dict(
+    split_stream, head_type, arguments, names
+):
+    arguments = {**arguments, "projection_dim": 16, "ridge_grid": GRID} if head_type is RanPACHead else arguments
+    model, head = frozen_model(split_stream), head_type(**arguments)
+    fit_tasks_with(model, [head], split_stream[:2])
+    assert sorted(head.statistics) == sorted(head.state_dict()["statistics"]) == names
+    assert all(value.dtype == torch.float64 and value.device.type == "cpu" for value in head.statistics.values())
+    assert head.class_counts.tolist() == [48.0] * 4 + [0.0] * 2
+
+    restored, fresh = head_type(**arguments), frozen_model(split_stream, seed=1)
+    restored.load_state_dict(head.state_dict())
+    restored.fit_classifier(restored.install(fresh))  # the head again, from the loaded statistics alone
+    assert_same_state(restored.state_dict(), head.state_dict())
+    assert_same_state(dict(fresh.head.named_buffers()), dict(model.head.named_buffers()))
 
 
 def test_a_hugging_face_text_model_with_dict_batches_needs_only_a_frozen_encoder():

@@ -26,6 +26,7 @@ from harness import (
     tiny_model,
     train_loader,
     trainer,
+    weights,
 )
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -44,10 +45,10 @@ def spec(request):
 
 def test_learns_each_task_and_keeps_a_safe_state(spec, split_stream):
     run = run_method(spec, split_stream)
-    assert len(run.matrix) == 3
-    diagonal = [run.matrix[t][t] for t in range(3)]
+    assert len(run.result.matrix) == 3
+    diagonal = [run.result.matrix[t][t] for t in range(3)]
     assert min(diagonal) >= LEARNT, f"each task should be learnt right after training it: {diagonal}"
-    assert all(0.0 <= acc <= 1.0 for row in run.matrix for acc in row)
+    assert all(0.0 <= acc <= 1.0 for row in run.result.matrix for acc in row)
     for callback in [*run.methods, run.evaluation]:
         buffer = io.BytesIO()
         torch.save(callback.state_dict(), buffer)
@@ -62,15 +63,15 @@ def test_learns_each_task_and_keeps_a_safe_state(spec, split_stream):
 )
 def test_precision_and_accumulation(spec, split_stream, trainer_kwargs):
     run = run_method(spec, split_stream, **trainer_kwargs)
-    assert run.matrix[-1][-1] >= LEARNT
+    assert run.result.matrix[-1][-1] >= LEARNT
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
 
 
 def test_batch_structures_give_the_same_training(spec, split_stream):
     runs = {style: run_method(spec, split_stream, style=style) for style in ("list", "tuple", "dict")}
     for style in ("tuple", "dict"):
-        assert_same_weights(runs["list"].weights(), runs[style].weights(), atol=1e-5)
-        torch.testing.assert_close(runs[style].matrix, runs["list"].matrix, atol=1e-6, rtol=0)
+        assert_same_weights(weights(runs["list"].model), weights(runs[style].model), atol=1e-5)
+        torch.testing.assert_close(runs[style].result.matrix, runs["list"].result.matrix, atol=1e-6, rtol=0)
 
 
 def test_ddp_two_processes_agree(spec, split_stream, tmp_path):
@@ -133,8 +134,8 @@ def test_resume_mid_task_matches_the_uninterrupted_run(spec, split_stream, tmp_p
     for fit, task in zip(fits[1:], tasks[crashed + 1 :], strict=True):
         fit.fit(model, train_loader(task))
 
-    assert_same_weights(uninterrupted.weights(), {k: v.detach() for k, v in model.state_dict().items()})
-    assert evaluation.matrix == uninterrupted.matrix
+    assert_same_weights(weights(uninterrupted.model), weights(model))
+    assert evaluation.matrix == uninterrupted.result.matrix
 
 
 def test_resume_between_tasks_matches_the_uninterrupted_run(spec, split_stream, tmp_path):
@@ -153,5 +154,5 @@ def test_resume_between_tasks_matches_the_uninterrupted_run(spec, split_stream, 
     load_task_checkpoint(tmp_path / "after_task_1.ckpt", model, [*methods, evaluation])
     trainer(2, [*methods, evaluation]).fit(model, train_loader(tasks[2]))
 
-    assert_same_weights(uninterrupted.weights(), {k: v.detach() for k, v in model.state_dict().items()})
-    assert evaluation.matrix == uninterrupted.matrix
+    assert_same_weights(weights(uninterrupted.model), weights(model))
+    assert evaluation.matrix == uninterrupted.result.matrix

@@ -1,4 +1,4 @@
-"""The conformance suite on two more kinds of model: the source documents' regression MLP on a drifting stream, and a
+"""The conformance suite on two more kinds of model: the reference regression MLP on a drifting stream, and a
 Hugging Face ``BertForSequenceClassification`` (tiny config, random init, nothing downloaded) on dict batches whose
 sequence lengths vary. Every cataloged method runs on each where it makes sense (32-true, bf16-mixed, gradient
 accumulation, a mid-task resume) and refuses with a clear error where it does not."""

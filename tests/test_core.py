@@ -10,7 +10,15 @@ from harness import QUIET, tiny_model, train_loader, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from lightning_incremental.core import ContinualCallback, LogitsCapture, add_to_loss, split_batch
+from lightning_incremental.core import (
+    ContinualCallback,
+    FeatureCapture,
+    ModelInterface,
+    add_to_loss,
+    logits_producers,
+    resolve_submodule,
+    split_batch,
+)
 from lightning_incremental.models import MLPClassifier
 
 
@@ -144,21 +152,19 @@ def test_state_keys_are_distinct_and_restored_to_the_right_instance(split_stream
     assert restored_first.starts == [0, 99, 0] and restored_second.starts == [0, 0]
 
 
-def test_logits_capture_discovers_names_and_explains_failures(split_stream):
+def test_the_logits_module_and_the_classifier_layer_are_found_by_identity_and_failures_explained(split_stream):
     model = tiny_model(split_stream)
     batch = next(iter(train_loader(split_stream[0])))
-    capture = LogitsCapture()
-    with capture.recording(model, batch_size=8) as record:
-        loss = model.training_step(batch, 0)
-    assert capture.name == "net" and record.logits.shape == (8, 6) and loss.ndim == 0
+    producers = logits_producers(model, batch, ModelInterface())
+    # the outermost producer is the logits module, the innermost the classifier layer; no shape test involved
+    assert [name for name, _, _ in producers] == ["net.2", "net"] and producers[0][2].shape == (8, 32)
 
-    named = LogitsCapture("net.2")
-    with named.recording(model) as record:
-        model(batch[0])
-    torch.testing.assert_close(record.logits, model(batch[0]))
+    features, logits = FeatureCapture().forward(model, batch, ModelInterface())
+    torch.testing.assert_close(logits, model(batch[0]))
+    torch.testing.assert_close(features, model.net[1](model.net[0](batch[0])))
 
     with pytest.raises(ValueError, match=r"`logits_module='classifier'` is not a submodule.*'net.0'"):
-        LogitsCapture("classifier").module(model)
+        resolve_submodule(model, "classifier", "logits_module")
 
     class Flat(nn.Module):
         def __init__(self):
@@ -166,13 +172,10 @@ def test_logits_capture_discovers_names_and_explains_failures(split_stream):
             self.scale = nn.Identity()
 
         def forward(self, x):
-            return self.scale(x.sum(1))
+            return self.scale(x.sum(1)) + 1  # no submodule returns the model's output itself
 
-    with (
-        pytest.raises(RuntimeError, match="Pass `logits_module=` naming one of"),
-        LogitsCapture().recording(Flat(), 8),
-    ):
-        Flat()(torch.ones(8, 3))
+    with pytest.raises(RuntimeError, match="Pass `logits_module=` naming one of"):
+        logits_producers(Flat(), (torch.ones(8, 3), torch.zeros(8)), ModelInterface())
 
 
 def test_batch_without_labels_gets_a_clear_error():

@@ -68,7 +68,7 @@ def test_per_sample_negative_log_likelihoods_by_hand():
 
 # ---------------------------------------------------------------------------------------------- regression
 class Regressor(L.LightningModule):
-    """The source documents' model: Linear(10, 20) -> ReLU -> Linear(20, 1), trained with MSE."""
+    """The reference regression model: Linear(10, 20) -> ReLU -> Linear(20, 1), trained with MSE."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -466,7 +466,7 @@ class _Regressor(L.LightningModule):
 
 
 def _regression_tasks(target_shape: str, n_tasks: int = 3, rows: int = 64) -> list[torch.utils.data.TensorDataset]:
-    """One target function; each task's inputs around a different centre (the issue's drifting stream)."""
+    """One target function; each task's inputs around a different centre (a drifting stream)."""
     generator = torch.Generator().manual_seed(0)
     weights = torch.randn(10, generator=generator)
     tasks = []

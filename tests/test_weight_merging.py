@@ -1,7 +1,7 @@
 """WeightMerging: the interpolation and the running average against hand-computed weights, BatchNorm buffers,
 the first task; the task-vector merges (task arithmetic, TIES, DARE, MagMax, Fisher) against direct
-computations from the stored task vectors, their memory over 1 and 5 tasks, their checkpoints, the Fisher
-taken from EWC; argument errors."""
+computations from the stored task vectors, their memory over 1 and 5 tasks, their checkpoints (the active
+mode's state alone), the Fisher taken from EWC or from any other Fisher source; argument errors."""
 
 import functools
 import io
@@ -14,6 +14,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
+from lightning_incremental.core import ContinualCallback, FisherSource
 from lightning_incremental.heads import GrowHeads
 from lightning_incremental.methods.fusion import WeightMerging
 from lightning_incremental.methods.fusion.functional import drop_and_rescale, ties_merge, ties_update, trim_top_k
@@ -306,7 +307,7 @@ def test_fisher_merging_is_the_fisher_weighted_mean_of_the_trained_weights_with_
 
 def test_fisher_merging_without_ewc_is_an_error_naming_the_fix():
     with pytest.raises(
-        RuntimeError, match=r"has no EWC callback\. Add one before it: callbacks=\[EWC\(\.\.\.\), Weight"
+        RuntimeError, match=r"has no Fisher source\. Add one before it: callbacks=\[EWC\(\.\.\.\), Weight"
     ):
         trainer(1, [WeightMerging(mode="fisher")]).fit(tiny_model(FIVE_TASKS), train_loader(FIVE_TASKS[0]))
 
@@ -315,7 +316,7 @@ def test_fisher_merging_without_ewc_is_an_error_naming_the_fix():
     ("callbacks", "match"),
     [
         (lambda merge: [merge, EWC()], r"comes before EWC .* Put EWC first: callbacks=\[EWC\(\.\.\.\), WeightMerging"),
-        (lambda merge: [EWC(), EWC(), merge], r"found 2 EWC callbacks .* keep one"),
+        (lambda merge: [EWC(), EWC(), merge], r"found 2 Fisher sources in this Trainer \(EWC, EWC\) .* keep one"),
         (lambda merge: [EWC(consolidate_every_n_steps=5), merge], r"Use EWC\(consolidate_every_n_steps=None\)"),
     ],
     ids=["ewc-after", "two-ewcs", "task-free-ewc"],
@@ -339,11 +340,12 @@ def test_the_state_held_between_tasks_does_not_grow_with_the_number_of_tasks(mod
     run = five_task_run(mode)
     model_tensors = [t for t in run.initial.values() if t.is_floating_point()]
     model_bytes = sum(t.numel() * 4 for t in model_tensors)
+    generators = int(mode == "dare")  # DARE's generator state, the only other tensor
     generator_bytes = torch.Generator().get_state().nbytes
     after_one, after_five = (_tensors(run.states[t]) for t in (0, 4))
-    assert len(after_one) == len(after_five) == COPIES[mode] * len(model_tensors) + 1
+    assert len(after_one) == len(after_five) == COPIES[mode] * len(model_tensors) + generators
     held = [sum(t.nbytes for t in tensors) for tensors in (after_one, after_five)]
-    assert held == [COPIES[mode] * model_bytes + generator_bytes] * 2
+    assert held == [COPIES[mode] * model_bytes + generators * generator_bytes] * 2
 
 
 @pytest.mark.parametrize("mode", ["task_arithmetic", "ties", "dare", "magmax", "fisher"])
@@ -439,10 +441,60 @@ def test_excluded_tensors_keep_their_trained_values_and_the_rest_is_merged(split
         merged.append({name: t.detach().clone() for name, t in model.state_dict().items()})
     for name in ("net.2.weight", "net.2.bias"):
         assert torch.equal(merged[1][name], trained.weights[1][name])
-        assert name not in callbacks[-1].state_dict()["base"] | callbacks[-1].state_dict()["average"]
+        assert all(name not in state for state in callbacks[-1].state_dict().values() if isinstance(state, dict))
     assert not torch.allclose(merged[1]["net.0.weight"], trained.weights[1]["net.0.weight"], atol=1e-5)
 
 
 def test_an_exclude_pattern_that_matches_no_tensor_names_the_tensors(split_stream):
     with pytest.raises(ValueError, match=r"`exclude` pattern 'head\.\*' matches no tensor of MLPClassifier.*net\.0"):
         trainer(1, [WeightMerging(exclude="head.*")]).fit(tiny_model(split_stream), train_loader(split_stream[0]))
+
+
+def test_the_state_holds_the_active_modes_fields_alone(split_stream):
+    merge = WeightMerging(mode="interpolate")
+    for task in list(split_stream)[:2]:
+        trainer(1, [merge]).fit(tiny_model(split_stream), train_loader(task))
+    common = set(ContinualCallback.state_dict(merge))
+    assert set(merge.state_dict()) == common | {"mode", "start_weights"}
+    assert set(WeightMerging(mode="dare").state_dict()) == common | {"mode", "base", "statistics", "generator_state"}
+    with pytest.raises(AttributeError, match=r"WeightMerging\(mode='interpolate'\) keeps no `statistics`"):
+        merge.statistics  # noqa: B018
+    with pytest.raises(RuntimeError, match=r"state of WeightMerging\(mode='interpolate'\), which cannot resume"):
+        WeightMerging(mode="ties").load_state_dict(merge.state_dict())
+
+
+class ConstantFisher(Callback):
+    """A Fisher source that is not EWC: in task ``t``, the Fisher ``values[t]`` for every parameter of ``model``
+    but ``uncovered``."""
+
+    def __init__(self, model: nn.Module, values: list[float], uncovered: str) -> None:
+        self.model, self.values, self.uncovered, self.calls = model, values, uncovered, 0
+
+    def check_task_fisher(self) -> None:
+        """Every configuration gives one Fisher per task."""
+
+    def task_fisher(self) -> dict[str, torch.Tensor]:
+        value = self.values[self.calls]
+        self.calls += 1
+        named = self.model.named_parameters()
+        return {name: torch.full_like(p, value) for name, p in named if name != self.uncovered}
+
+
+def test_fisher_merging_weights_the_task_vectors_by_any_fisher_source(split_stream):
+    model, merge, recorder = tiny_model(split_stream), WeightMerging(mode="fisher"), TrainedWeights()
+    source = ConstantFisher(model, [1.0, 3.0], uncovered="net.2.bias")
+    assert isinstance(source, FisherSource) and not isinstance(source, EWC)
+    initial = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    for task in list(split_stream)[:2]:
+        trainer(1, [source, recorder, merge]).fit(model, train_loader(task))
+    assert source.calls == 2
+    first, second = recorder.weights
+    for name, tensor in model.state_dict().items():
+        if name == "net.2.bias":  # not covered: Fisher 0 in both tasks, only the floor weights it (the plain mean)
+            expected = (first[name].double() + second[name].double()) / 2
+        else:  # theta_0 + (1 * tau_1 + 3 * tau_2) / (1 + 3)
+            taus = [trained[name].double() - initial[name].double() for trained in (first, second)]
+            expected = initial[name].double() + (1.0 * taus[0] + 3.0 * taus[1]) / 4.0
+        torch.testing.assert_close(tensor.double(), expected, atol=1e-6, rtol=0, msg=name)
+    plain_mean = (first["net.0.weight"] + second["net.0.weight"]) / 2
+    assert not torch.allclose(model.net[0].weight, plain_mean, atol=1e-4)  # the weighting mattered

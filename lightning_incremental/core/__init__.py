@@ -1,6 +1,12 @@
 """Shared machinery every method uses: write it here once, never in a method (``docs/architecture.md``)."""
 
-from lightning_incremental.core.base import ContinualCallback, task_of
+from lightning_incremental.core._lightning import (
+    continue_logging_step,
+    logging_step,
+    should_update_logs,
+    spawned_launcher,
+)
+from lightning_incremental.core.base import ContinualCallback, FisherSource, task_of
 from lightning_incremental.core.batch import (
     batch_leaves,
     batch_size_of,
@@ -11,35 +17,66 @@ from lightning_incremental.core.batch import (
     task_labels_of,
     with_leaves,
 )
+from lightning_incremental.core.classifier import (
+    FeatureCapture,
+    check_submodule_argument,
+    head_by_name,
+    logits_producers,
+    resolve_submodule,
+)
+from lightning_incremental.core.distillation import class_columns, distillation_loss
+from lightning_incremental.core.distributed import all_reduce_sum, rank_and_world_size
+from lightning_incremental.core.freezing import FrozenPart, batchnorms_without_training
 from lightning_incremental.core.interface import ModelInterface, check_interface_argument, interface_of
-from lightning_incremental.core.logits import FeatureCapture, LogitsCapture
 from lightning_incremental.core.modules import OldModel, frozen_copy
-from lightning_incremental.core.passes import eval_mode, private_pass
+from lightning_incremental.core.passes import eval_mode, own_pass, private_pass, rows_of, task_rows
 from lightning_incremental.core.state import assign_state_keys
 from lightning_incremental.core.step_chain import Step, StepChain, add_to_loss
+from lightning_incremental.core.targets import IGNORE_INDEX, are_class_labels
+from lightning_incremental.core.tensors import grow_to
 
 __all__ = [
+    "IGNORE_INDEX",
     "ContinualCallback",
     "FeatureCapture",
-    "LogitsCapture",
+    "FisherSource",
+    "FrozenPart",
     "ModelInterface",
     "OldModel",
     "Step",
     "StepChain",
     "add_to_loss",
+    "all_reduce_sum",
+    "are_class_labels",
     "assign_state_keys",
     "batch_leaves",
     "batch_size_of",
+    "batchnorms_without_training",
     "check_interface_argument",
+    "check_submodule_argument",
+    "class_columns",
     "concat_batches",
+    "continue_logging_step",
+    "distillation_loss",
     "eval_mode",
     "frozen_copy",
+    "grow_to",
+    "head_by_name",
     "index_batch",
     "interface_of",
+    "logging_step",
+    "logits_producers",
+    "own_pass",
     "private_pass",
+    "rank_and_world_size",
+    "resolve_submodule",
+    "rows_of",
+    "should_update_logs",
+    "spawned_launcher",
     "split_batch",
     "split_inputs",
     "task_labels_of",
     "task_of",
+    "task_rows",
     "with_leaves",
 ]

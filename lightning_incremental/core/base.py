@@ -4,8 +4,9 @@ overrides, and its state.
 Each method writes only its own math; this class owns what all of them share (``docs/architecture.md``
 explains the contract):
 
-- **Task boundaries.** One ``trainer.fit`` is one task. :meth:`ContinualCallback.on_task_start` runs in
-  ``on_fit_start`` (after a checkpoint restore, and not again when a fit resumes a task already under way),
+- **Task boundaries.** One ``trainer.fit`` is one task. In ``on_fit_start`` (after a checkpoint restore)
+  :meth:`ContinualCallback.place_state` runs at every fit, then :meth:`ContinualCallback.on_task_start` (not
+  again when a fit resumes a task already under way, :attr:`ContinualCallback.resuming_task`),
   :meth:`ContinualCallback.on_task_end` in ``on_train_end`` (model still on its device, DDP still up).
   The task index comes from the stream's dataloader when a :class:`~lightning_incremental.scenarios.Task`
   built it, else from counting fits. A fit that would train nothing (a reused Trainer already at
@@ -21,7 +22,7 @@ explains the contract):
 """
 
 import uuid
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
@@ -37,10 +38,23 @@ from lightning_incremental.core.step_chain import Step, StepChain
 class ContinualCallback(Callback):
     """Base class of the continual-learning callbacks; see the module docstring for the contract.
 
+    The base owns the lifecycle. A method overrides only what it does, never Lightning's ``on_fit_start`` or
+    ``on_train_end``:
+
+    - :meth:`place_state` at every fit start, after Lightning restored a checkpoint: put the state where this
+      fit needs it (on the model's device, laid out for this fit's ranks, an old model built from saved weights);
+    - :meth:`on_task_start` once per task, after :meth:`place_state`; not again when a fit resumes a task under
+      way (:attr:`resuming_task`);
+    - :meth:`on_task_end` once per task, in ``on_train_end``;
+    - :meth:`wrap_training_step` and :meth:`add_gradient_terms` to enter the training step;
+    - ``state_dict`` / ``load_state_dict`` (call ``super()``) for everything the method keeps.
+
     Class attributes a method sets:
         reads_step_outputs: the method reads the model's logits of the training step (``step.logits_for``).
         adds_loss_terms: the method adds a term to the loss ``training_step`` returns, which manual
             optimization would never backpropagate: such methods refuse ``automatic_optimization=False``.
+        reads_trained_weights: the method reads the trained weights at the task end (a regularizer's anchor, a
+            merge), so a method that changes them there (LoRA merging its adapters) must come before it.
 
     Attributes:
         tasks_completed: how many tasks (fits) this method has finished.
@@ -50,10 +64,49 @@ class ContinualCallback(Callback):
         model_interface: how the method reads the model (:class:`~lightning_incremental.ModelInterface`);
             ``None``: the model's ``continual_interface`` attribute, else the default.
         logits_module: the submodule whose output is the logits (methods that read them), or ``None``.
+
+    Example: a method that keeps the mean of every weight at each task end and pulls the weights towards it.
+
+        >>> import lightning as L
+        >>> import torch
+        >>> from lightning_incremental import MLPClassifier
+        >>> from lightning_incremental.scenarios import synthetic_stream
+        >>> class PullToTaskMean(ContinualCallback):
+        ...     def __init__(self, strength: float = 0.1) -> None:
+        ...         super().__init__()
+        ...         self.strength = strength
+        ...         self.means: dict[str, torch.Tensor] = {}
+        ...
+        ...     def place_state(self, trainer, pl_module):  # a checkpoint restores the means on the CPU
+        ...         self.means = {name: mean.to(pl_module.device) for name, mean in self.means.items()}
+        ...
+        ...     def on_task_end(self, trainer, pl_module):
+        ...         self.means = {name: p.detach().mean() for name, p in pl_module.named_parameters()}
+        ...
+        ...     def add_gradient_terms(self, trainer, pl_module, params, grads, scale):
+        ...         names = {id(p): name for name, p in pl_module.named_parameters()}
+        ...         for p, grad in zip(params, grads):
+        ...             if names[id(p)] in self.means:
+        ...                 grad.add_(p.detach() - self.means[names[id(p)]], alpha=self.strength * scale)
+        ...
+        ...     def state_dict(self):
+        ...         return {**super().state_dict(), "means": {n: m.cpu() for n, m in self.means.items()}}
+        ...
+        ...     def load_state_dict(self, state_dict):
+        ...         super().load_state_dict(state_dict)
+        ...         self.means = dict(state_dict["means"])
+        >>> stream, model, pull = synthetic_stream(n_tasks=2), MLPClassifier(16, 4, hidden=(8,)), PullToTaskMean()
+        >>> for task in stream:
+        ...     trainer = L.Trainer(max_epochs=1, callbacks=[pull], logger=False, enable_progress_bar=False,
+        ...                         enable_checkpointing=False, enable_model_summary=False)
+        ...     trainer.fit(model, task.train_dataloader(batch_size=16))
+        >>> pull.tasks_completed, sorted(pull.means)[:2]
+        (2, ['net.0.bias', 'net.0.weight'])
     """
 
     reads_step_outputs = False
     adds_loss_terms = False
+    reads_trained_weights = False
 
     def __init__(self) -> None:
         self.tasks_completed = 0
@@ -67,6 +120,10 @@ class ContinualCallback(Callback):
         register_instance(self)
 
     # ------------------------------------------------------------------ what a method overrides
+    def place_state(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Called at every fit start, after Lightning restored a checkpoint and before :meth:`on_task_start`:
+        put the state where this fit needs it (the model's device, this fit's ranks, grown parameters)."""
+
     def on_task_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Called once when a task starts (``self.current_task`` is set)."""
 
@@ -90,6 +147,12 @@ class ContinualCallback(Callback):
         scale: float,
     ) -> None:
         """Add to ``grads`` (the ``.grad`` of ``params``, in place); multiply the term by ``scale``."""
+
+    @property
+    def resuming_task(self) -> bool:
+        """Whether the state holds a task under way: a fit that starts now resumes it (a checkpoint saved in the
+        middle of a task was loaded) rather than starting the next task. True while a task trains, too."""
+        return self._task_in_progress
 
     # ------------------------------------------------------------------ state
     @property
@@ -149,11 +212,16 @@ class ContinualCallback(Callback):
                 "`lightning_incremental.load_task_checkpoint` instead of `ckpt_path=`."
             )
         self.task = task_of(trainer)
+        self.place_state(trainer, pl_module)
         if self._task_in_progress:  # resumed in the middle of a task: the restored state is the task's
             return
         self.current_task = self.task.index if self.task is not None else self.tasks_completed
         self._task_in_progress = True
-        self.on_task_start(trainer, pl_module)
+        try:
+            self.on_task_start(trainer, pl_module)
+        except BaseException:
+            self._task_in_progress = False  # refused: the fit after the fix starts this task, it resumes nothing
+            raise
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -186,3 +254,22 @@ def task_of(trainer: Trainer) -> Any:
         return datamodule.task
     loader = _lightning.train_dataloader_source(trainer)
     return getattr(getattr(loader, "dataset", None), "task", None)
+
+
+@runtime_checkable
+class FisherSource(Protocol):
+    """A method that estimates the diagonal Fisher information of the model at every task end (EWC).
+
+    Another method that needs each task's Fisher (``WeightMerging(mode="fisher")``) finds its source among the
+    Trainer's callbacks with ``isinstance(callback, FisherSource)``, without importing the method's class.
+    """
+
+    def check_task_fisher(self) -> None:
+        """Refuse, with the fix, a configuration that cannot give one Fisher per task (the consumer calls it in
+        ``setup``, before the first step)."""
+        ...
+
+    def task_fisher(self) -> dict[str, Tensor]:
+        """The Fisher of the task that is ending, alone, per parameter name (fp32, >= 0), estimated on the trained
+        weights at its end; the consumer calls it in its own ``on_task_end``, after the source's."""
+        ...

@@ -29,11 +29,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_incremental.core.batch import INPUT_KEYS, TARGET_KEYS, TASK_KEYS, find_key
+from lightning_incremental.core.targets import IGNORE_INDEX
 
 Likelihood = Literal["auto", "categorical", "gaussian", "bernoulli"]
 LIKELIHOODS = ("auto", "categorical", "gaussian", "bernoulli")
 PerSampleLossFn = Callable[[Tensor, Tensor], Tensor]
-IGNORE_INDEX = -100
 
 # entries of a mapping batch that Hugging Face models take as keyword arguments
 HF_INPUT_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")

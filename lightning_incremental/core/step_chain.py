@@ -17,10 +17,10 @@ the replayed ones, and treats them all alike (LwF distils on the replayed rows t
 only the current rows. ``docs/architecture.md`` has the table.
 
 **The logits module** is the one a method names (``logits_module=``; methods that name different modules are
-refused), or found on first use: one forward of the batch in eval mode without gradient, hooked on every
-submodule; the logits module is the outermost submodule whose output is the very tensor the model returns
-as logits. When the hook records nothing during a step (a ``torch.compile``-d model runs a graph that skips
-Python hooks), the logits come from one extra forward of the batch instead, with a warning.
+refused), or found on first use by :mod:`lightning_incremental.core.classifier`: the outermost submodule whose
+output is the very tensor the model returns as logits. When the hook records nothing during a step (a
+``torch.compile``-d model runs a graph that skips Python hooks), the logits come from one extra forward of the
+batch instead, with a warning.
 """
 
 import functools
@@ -29,16 +29,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor, nn
-from torch.nn.modules.loss import _Loss
-from torchmetrics import Metric
 
 from lightning_incremental.core.batch import batch_size_of
+from lightning_incremental.core.classifier import logits_producers, resolve_submodule
 from lightning_incremental.core.interface import ModelInterface, interface_of
-from lightning_incremental.core.passes import eval_mode
 
 if TYPE_CHECKING:
     from lightning_incremental.core.base import ContinualCallback
@@ -135,40 +132,13 @@ class StepChain:
         if not named:
             return
         (module,) = named
-        if isinstance(module, nn.Module):
-            self.logits_module, self.logits_name = module, None
-            return
-        try:
-            self.logits_module = self.pl_module.get_submodule(module)
-        except AttributeError:
-            raise ValueError(
-                f"`logits_module={module!r}` is not a submodule of {type(self.pl_module).__name__}. Its submodules "
-                f"are: {submodule_names(self.pl_module)}."
-            ) from None
-        self.logits_name = module
+        self.logits_module = resolve_submodule(self.pl_module, module, "logits_module")
+        self.logits_name = module if isinstance(module, str) else None
 
     def _discover_logits_module(self, batch: Any, interface: ModelInterface) -> None:
-        """Find the outermost submodule whose output is the model's logits, with one probe forward."""
-        calls: list[tuple[str, nn.Module, Any]] = []
-        handles = [
-            module.register_forward_hook(lambda m, _args, out, name=name: calls.append((name, m, out)))
-            for name, module in self.pl_module.named_modules()
-            if name and not isinstance(module, (_Loss, Metric))
-        ]
-        try:
-            with torch.no_grad(), eval_mode(self.pl_module), self.trainer.precision_plugin.forward_context():
-                logits = interface.predict(self.pl_module, batch)
-        finally:
-            for handle in handles:
-                handle.remove()
-        producing = [(name, module) for name, module, out in calls if _holds(out, logits)]
-        if not producing:
-            raise RuntimeError(
-                f"Could not find the module that produces the logits of {type(self.pl_module).__name__}: no "
-                "submodule returned the tensor the model returns. Pass `logits_module=` naming one of "
-                f"{submodule_names(self.pl_module)}."
-            )
-        self.logits_name, self.logits_module = producing[-1]  # the last to finish: the outermost
+        """Find the logits module (:mod:`lightning_incremental.core.classifier`): the outermost producer."""
+        with self.trainer.precision_plugin.forward_context():
+            self.logits_name, self.logits_module, _ = logits_producers(self.pl_module, batch, interface)[-1]
 
     @contextmanager
     def recording(self, record: "_Record", batch: Any, interface: ModelInterface) -> Iterator[None]:
@@ -249,14 +219,6 @@ class _Record:
         self.interface = ModelInterface()
 
 
-def _holds(output: Any, logits: Tensor) -> bool:
-    if output is logits:
-        return True
-    if isinstance(output, (tuple, list)):
-        return bool(output) and output[0] is logits
-    return getattr(output, "logits", None) is logits or (isinstance(output, dict) and output.get("logits") is logits)
-
-
 @contextmanager
 def _muted_logging(pl_module: LightningModule) -> Iterator[None]:
     """``self.log`` and ``self.log_dict`` do nothing inside the block (restored after)."""
@@ -272,15 +234,12 @@ def _muted_logging(pl_module: LightningModule) -> Iterator[None]:
                 pl_module.__dict__[name] = attribute
 
 
-def submodule_names(root: nn.Module) -> list[str]:
-    return [name for name, module in root.named_modules() if name and not isinstance(module, (_Loss, Metric))]
-
-
 def add_to_loss(output: STEP_OUTPUT, term: Tensor) -> STEP_OUTPUT:
     """Add ``term`` to the loss of a training-step output (a tensor or a dict with ``"loss"``).
 
     A ``None`` output (the user skipped the batch) stays ``None``.
 
+    >>> import torch
     >>> add_to_loss(torch.tensor(1.0), torch.tensor(0.5))
     tensor(1.5000)
     >>> add_to_loss({"loss": torch.tensor(1.0), "acc": 0.9}, torch.tensor(2.0))["loss"]

@@ -4,14 +4,8 @@ from typing import Literal
 
 import torch
 
-from lightning_incremental.scenarios.stream import (
-    LabeledTensorDataset,
-    Task,
-    TaskDataset,
-    TaskStream,
-    permute_inputs,
-    split_classes,
-)
+from lightning_incremental.scenarios import stream as streams
+from lightning_incremental.scenarios.stream import LabeledTensorDataset, TaskStream, permute_inputs, split_classes
 
 
 def load_digits(test_size: float = 0.2, random_state: int = 0) -> tuple[LabeledTensorDataset, LabeledTensorDataset]:
@@ -117,7 +111,8 @@ def regression_stream(
     task ``t`` is centred at ``t * shift`` along a fixed random direction; ``"spread"`` puts each centre at distance
     ``shift`` from the origin in a random direction of its own; ``"diagonal"`` centres the tasks at
     ``(t - (n_tasks - 1) / 2) * shift`` along the unit diagonal. A domain-incremental stream of real-valued
-    targets, the setting of the source documents' MSE-trained MLP. Items are ``(x, y)`` with ``y`` a float scalar.
+    targets, on which :class:`~lightning_incremental.models.MLPRegressor` is measured. Items are ``(x, y)`` with ``y`` a
+    float scalar.
 
     >>> stream = regression_stream(n_tasks=3)
     >>> len(stream), stream.scenario, stream[0].train[0][1].dtype
@@ -148,7 +143,7 @@ def regression_stream(
         return LabeledTensorDataset(x, function(x) + noise * torch.randn(n, generator=generator))
 
     tasks = [
-        Task(index, (), TaskDataset(sample(index, train_per_task)), sample(index, test_per_task))
+        streams.Task(index, (), streams.TaskDataset(sample(index, train_per_task)), sample(index, test_per_task))
         for index in range(n_tasks)
     ]
     return TaskStream(tasks, "domain-incremental", num_classes=0, name="regression")

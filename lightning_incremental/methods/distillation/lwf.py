@@ -8,6 +8,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor, nn
 from torch.nn import functional as F
+from typing_extensions import override
 
 from lightning_incremental.core import (
     ContinualCallback,
@@ -16,28 +17,15 @@ from lightning_incremental.core import (
     Step,
     add_to_loss,
     check_interface_argument,
+    check_submodule_argument,
+    class_columns,
+    distillation_loss,
     interface_of,
     task_labels_of,
 )
 
 Distillation = Literal["auto", "softmax", "sigmoid", "mse"]
 DISTILLATIONS = ("auto", "softmax", "sigmoid", "mse")
-
-
-def distillation_loss(new_logits: Tensor, old_logits: Tensor, temperature: float) -> Tensor:
-    r"""``T^2 * KL(softmax(old / T) || softmax(new / T))``, averaged over the batch, in fp32.
-
-    The ``T^2`` keeps the gradient's size independent of the temperature (Hinton et al., 2015).
-
-    >>> logits = torch.tensor([[2.0, 0.0, -1.0]])
-    >>> distillation_loss(logits, logits, temperature=2.0).item()
-    0.0
-    >>> round(distillation_loss(torch.zeros(1, 2), torch.tensor([[10.0, -10.0]]), 1.0).item(), 4)
-    0.6931
-    """
-    log_new = F.log_softmax(new_logits.float() / temperature, dim=-1)
-    log_old = F.log_softmax(old_logits.float() / temperature, dim=-1)
-    return temperature**2 * F.kl_div(log_new, log_old, reduction="sum", log_target=True) / new_logits.shape[0]
 
 
 def sigmoid_distillation_loss(new_logits: Tensor, old_logits: Tensor, temperature: float) -> Tensor:
@@ -89,7 +77,7 @@ class LwF(ContinualCallback):
     it distils the replayed rows too; before it, only the current rows. It reads the live logits from the
     step chain's record. It adds to the loss, so it refuses manual optimization.
 
-    Defaults (``alpha``, ``temperature``) are the choice of ``benchmarks/sweep_lwf.py``, made with the
+    Defaults (``alpha``, ``temperature``) are the choice of ``benchmarks/sweeps/sweep_lwf.py``, made with the
     optimizer's state carried across tasks (:class:`~lightning_incremental.KeepOptimizerState`, as the
     catalog runs LwF); a high temperature makes the term close to matching the old logits. Beside a replay
     method use a smaller weight (the catalog's ``replay_lwf_ewc``). Numbers in ``benchmarks/RESULTS.md``.
@@ -105,13 +93,15 @@ class LwF(ContinualCallback):
     Example::
 
         >>> import lightning as L
-        >>> from lightning_incremental import MLPClassifier
+        >>> from lightning_incremental import ExperienceReplay, MLPClassifier
         >>> from lightning_incremental.scenarios import synthetic_stream
-        >>> stream, model, lwf = synthetic_stream(n_tasks=2), MLPClassifier(16, 4, hidden=(8,)), LwF(alpha=1.0)
+        >>> stream, model = synthetic_stream(n_tasks=2), MLPClassifier(16, 4, hidden=(8,))
+        >>> methods = [ExperienceReplay(buffer_size=32), LwF(alpha=1.0)]  # LwF distils the replayed rows too
         >>> for task in stream:
-        ...     trainer = L.Trainer(max_epochs=1, callbacks=[lwf], logger=False, enable_progress_bar=False,
+        ...     trainer = L.Trainer(max_epochs=1, callbacks=methods, logger=False, enable_progress_bar=False,
         ...                         enable_checkpointing=False, enable_model_summary=False)
         ...     trainer.fit(model, task.train_dataloader(batch_size=16))
+        >>> lwf = methods[1]
         >>> lwf.old_tasks, lwf.old_model.training
         ([[0, 1], [2, 3]], False)
     """
@@ -134,8 +124,7 @@ class LwF(ContinualCallback):
             raise ValueError(f"`temperature` must be > 0, got {temperature}.")
         if distillation not in DISTILLATIONS:
             raise ValueError(f"`distillation` must be one of {DISTILLATIONS}, got {distillation!r}.")
-        if logits_module is not None and not isinstance(logits_module, (str, nn.Module)):
-            raise TypeError(f"`logits_module` must be a submodule name, a submodule or None, got {logits_module!r}.")
+        check_submodule_argument("logits_module", logits_module)
         self.alpha, self.temperature, self.distillation = float(alpha), float(temperature), distillation
         self.logits_module = logits_module
         self.model_interface = check_interface_argument(model_interface)
@@ -148,15 +137,17 @@ class LwF(ContinualCallback):
         """The frozen copy of the model at the last task end (``None`` before the first task ends)."""
         return self.old.module
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    @override
+    def place_state(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.old.materialize(pl_module)
         if self._labels_seen is not None:
             self._labels_seen = self._labels_seen.to(pl_module.device)
-        super().on_fit_start(trainer, pl_module)
 
+    @override
     def on_task_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._labels_seen = None
 
+    @override
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.old.keep(pl_module)
         if self.task is not None:
@@ -166,6 +157,7 @@ class LwF(ContinualCallback):
             classes = seen.nonzero().flatten().tolist() if seen is not None else []
         self.old_tasks.append(classes)
 
+    @override
     def wrap_training_step(self, trainer: Trainer, pl_module: LightningModule, batch: Any, step: Step) -> STEP_OUTPUT:
         output = step(batch)
         if output is None or self.alpha == 0:  # the user skipped the batch: nothing to add
@@ -213,6 +205,7 @@ class LwF(ContinualCallback):
         old_tasks = tuple(tuple(classes) for classes in self.old_tasks)
         return list(_column_groups(old_tasks, task_labels_of(batch) is not None, num_outputs, device))
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         seen = self._labels_seen
         return {
@@ -222,6 +215,7 @@ class LwF(ContinualCallback):
             "labels_seen": seen.cpu() if seen is not None else None,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.old_tasks = [list(map(int, classes)) for classes in state_dict["old_tasks"]]
@@ -239,5 +233,4 @@ def _column_groups(
         return (slice(None),)
     if multi_head:  # one head per old task
         return tuple(torch.tensor(classes, device=device) for classes in known)
-    seen = sorted({c for classes in known for c in classes})
-    return (slice(None),) if len(seen) == num_outputs else (torch.tensor(seen, device=device),)
+    return (class_columns(tuple(c for classes in known for c in classes), num_outputs, device),)

@@ -20,8 +20,8 @@ matching ``*_merge`` function turns the statistics into the merged task vector `
 All statistics are fp32 tensors on the task vectors' device (TIES's counts too: exact up to 2^24 tasks); the
 update functions never keep a reference to the task vector they are given. On the CPU the element-wise work
 runs over pieces of 65,536 entries, so that the temporaries of a sequence of operations stay in the cache
-instead of each operation streaming whole model-sized tensors through memory (about 3x faster on a
-22.7M-parameter model, ``benchmarks/merge_cost.py``).
+instead of each operation streaming whole model-sized tensors through memory (``benchmarks/timing/merge_cost.py``
+measures the merges; the numbers are in ``benchmarks/RESULTS.md``).
 """
 
 import math

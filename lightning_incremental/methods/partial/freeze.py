@@ -1,17 +1,18 @@
 """A fixed part and an updatable part: freeze some of the model's parameters from a given task on."""
 
 from collections.abc import Sequence
-from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from typing_extensions import override
 
-from lightning_incremental.core import ContinualCallback, task_of
+from lightning_incremental.core import task_of
 from lightning_incremental.core.selection import Pattern, as_patterns, matching
+from lightning_incremental.methods.partial._base import PartialTraining
 
 
-class FreezeLayers(ContinualCallback):
+class FreezeLayers(PartialTraining):
     r"""Train only part of the model: the rest keeps its weights bit for bit, from task ``from_task`` on.
 
     Choose the **frozen part** with any of (their union is frozen):
@@ -114,10 +115,7 @@ class FreezeLayers(ContinualCallback):
                 "FreezeLayers needs a selection: e.g. `freeze=['backbone.*']`, `freeze_modules=(nn.Conv2d,)`, "
                 "`freeze_first=2`, `train=['head.*']` or `train_last=1`."
             )
-        self._trainer: Trainer | None = None  # the Trainer of the fit under way
         self._plan: tuple[list[nn.Parameter], list[nn.Module]] = ([], [])
-        self._frozen: list[nn.Parameter] = []  # the parameters this callback set to requires_grad=False
-        self._bn_modes: dict[nn.Module, bool] = {}  # BatchNorm layers held in eval mode -> their previous mode
 
     # ------------------------------------------------------------------ what gets frozen
     @staticmethod
@@ -199,62 +197,32 @@ class FreezeLayers(ContinualCallback):
         return ", ".join(f"{name}={value!r}" for name, value in arguments.items() if value or name == "train_bn")
 
     # ------------------------------------------------------------------ hooks
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        self._trainer = trainer
         self._plan = self._select(pl_module)  # on every fit, so a bad selection fails on the first task
-        self._update()
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._frozen:
-            return
-        for bn in self._plan[1]:  # Lightning leaves modes alone in fit; this also undoes a user's .train()
-            self._bn_modes.setdefault(bn, bn.training)
-            bn.eval()
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        super().teardown(trainer, pl_module, stage)
-        self._detach()
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        super().on_exception(trainer, pl_module, exception)
-        self._detach()
-
-    # ------------------------------------------------------------------ state
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        if self._trainer is not None:  # a fit restoring its checkpoint: before the optimizer is built
-            self._update()
+        self._start_fit(trainer, pl_module)
 
     # ------------------------------------------------------------------ helpers
-    def _update(self) -> None:
-        """Freeze or release to match the task about to train."""
-        if self._task_in_progress:
+    @override
+    def _freeze_for_task(self, pl_module: LightningModule) -> None:
+        """Freeze or release to match the task about to train (again when a checkpoint's state loads)."""
+        if self.resuming_task:
             index = self.current_task
         else:
             task = task_of(self._trainer)
             index = task.index if task is not None else self.tasks_completed
         if index < self.from_task:
-            self._release()
+            self._frozen.release()
         elif not self._frozen:
-            self._frozen = [p for p in self._plan[0] if p.requires_grad]
-            for p in self._frozen:
-                p.requires_grad_(False)
-                p.grad = None  # a stale gradient of the last fit must not reach an optimizer
+            self._frozen.freeze(self._plan[0], batchnorms=self._plan[1])
 
-    def _detach(self) -> None:
-        """The fit is over: give the model back as it was and hold no reference to it."""
-        self._release()
-        self._trainer, self._plan = None, ([], [])
-
-    def _release(self) -> None:
-        for p in self._frozen:
-            p.requires_grad_(True)
-        for bn, mode in self._bn_modes.items():
-            bn.train(mode)
-        self._frozen, self._bn_modes = [], {}
+    @override
+    def _end_fit(self) -> None:
+        super()._end_fit()
+        self._plan = ([], [])
 
 
 def _module_types(types: type[nn.Module] | Sequence[type[nn.Module]]) -> tuple[type[nn.Module], ...]:

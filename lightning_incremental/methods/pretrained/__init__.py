@@ -3,10 +3,14 @@
 :class:`PrototypeHead` (SimpleCIL) classifies by the nearest class mean of the backbone's features;
 :class:`RanPACHead` (RanPAC) by a ridge classifier on a fixed random expansion of them. Both add each task's
 sufficient statistics to the earlier ones (no sample stored, all-reduced under DDP) and write the classifier into
-the model's head layer, so the model's own forward predicts with it. The math is in the pure functions below.
+the model's head layer, so the model's own forward predicts with it.
+
+As in torchmetrics, the math is pure functions (:mod:`~lightning_incremental.methods.pretrained.functional`) beside
+thin stateful classes: the layer (:mod:`~lightning_incremental.methods.pretrained.classifier`) and the callbacks,
+whose statistics are named states summed over tasks and ranks (the base in ``_base.py``).
 """
 
-from lightning_incremental.methods.pretrained._statistics import (
+from lightning_incremental.methods.pretrained.functional import (
     RIDGE_GRID,
     class_sums,
     holdout_mask,

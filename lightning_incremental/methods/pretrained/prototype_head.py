@@ -1,17 +1,13 @@
 """SimpleCIL: a frozen pretrained backbone with a nearest-class-mean head (Zhou et al., 2023)."""
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from typing_extensions import override
 
-from lightning_incremental.core import ModelInterface
-from lightning_incremental.methods.pretrained._statistics import (
-    ClosedFormClassifier,
-    ClosedFormHead,
-    class_sums,
-)
+from lightning_incremental.methods.pretrained._base import ClosedFormHead, statistic
+from lightning_incremental.methods.pretrained.classifier import ClosedFormClassifier
+from lightning_incremental.methods.pretrained.functional import class_sums
 
 
 class CosinePrototypeClassifier(ClosedFormClassifier):
@@ -31,6 +27,7 @@ class CosinePrototypeClassifier(ClosedFormClassifier):
         super().__init__(original, in_features, num_classes)
         self.register_buffer("prototypes", torch.zeros(num_classes, in_features))
 
+    @override
     def scores(self, features: Tensor) -> Tensor:
         return F.normalize(features, dim=-1) @ F.normalize(self.prototypes, dim=-1).T
 
@@ -81,7 +78,8 @@ class PrototypeHead(ClosedFormHead):
     with no trainable parameter: keep the head's own layer trainable (the fit still stops before its first step).
     Under ``ddp_spawn`` / ``ddp_fork`` call :meth:`install` on the model before the first fit.
 
-    **State.** The per-class sums and counts are in ``state_dict`` (the prototypes themselves are in the model's).
+    **State.** The per-class sums and counts (:attr:`statistics`, by name) are in ``state_dict`` (the prototypes
+    themselves are in the model's).
     To load a checkpoint into a fresh model outside a Trainer, call :meth:`install` on it first.
 
     Accuracy on the 20 Newsgroups stream with MiniLM is in ``benchmarks/RESULTS.md``.
@@ -121,17 +119,7 @@ class PrototypeHead(ClosedFormHead):
     """
 
     classifier_type = CosinePrototypeClassifier
-
-    def __init__(
-        self,
-        head_module: str | None = None,
-        num_classes: int | None = None,
-        in_features: int | None = None,
-        model_interface: ModelInterface | None = None,
-    ) -> None:
-        super().__init__(head_module, num_classes, in_features, model_interface)
-        self.class_sums: Tensor | None = None  # [classes, features], float64
-        self.class_counts: Tensor | None = None  # [classes], float64
+    class_sums = statistic("class_sums", "The sum of the features of every class, ``[classes, features]``")
 
     @property
     def prototypes(self) -> Tensor | None:
@@ -140,31 +128,23 @@ class PrototypeHead(ClosedFormHead):
             return None
         return self.class_sums / self.class_counts.clamp_min(1).unsqueeze(1)
 
+    @override
     def build_classifier(self, original: nn.Module, in_features: int, num_classes: int) -> CosinePrototypeClassifier:
         return CosinePrototypeClassifier(original, in_features, num_classes)
 
-    def zero_statistics(self, classifier: ClosedFormClassifier, device: torch.device) -> list[Tensor]:
-        zeros = torch.zeros(classifier.num_classes, classifier.in_features + 1, dtype=torch.float64, device=device)
-        return [zeros]  # the sums and, in the last column, the counts: one tensor to reduce
+    @override
+    def statistic_shapes(self, classifier: ClosedFormClassifier) -> dict[str, tuple[int, ...]]:
+        return {**super().statistic_shapes(classifier), "class_sums": (classifier.num_classes, classifier.in_features)}
 
+    @override
     def accumulate(
-        self, statistics: list[Tensor], features: Tensor, labels: Tensor, classifier: ClosedFormClassifier
+        self, task: dict[str, Tensor], features: Tensor, labels: Tensor, classifier: ClosedFormClassifier
     ) -> None:
-        sums, counts = class_sums(features, labels, classifier.num_classes)
-        statistics[0] += torch.cat([sums, counts.unsqueeze(1)], dim=1)
+        super().accumulate(task, features, labels, classifier)
+        task["class_sums"] += class_sums(features, labels, classifier.num_classes)[0]
 
-    def consolidate(self, statistics: list[Tensor], classifier: ClosedFormClassifier) -> None:
-        task = statistics[0].cpu()
-        sums, counts = task[:, :-1], task[:, -1]
-        self.class_sums = sums if self.class_sums is None else self.class_sums + sums
-        self.class_counts = counts if self.class_counts is None else self.class_counts + counts
-        prototypes = self.prototypes
-        assert isinstance(classifier, CosinePrototypeClassifier) and prototypes is not None
-        classifier.set_prototypes(prototypes.to(classifier.prototypes), (self.class_counts > 0).to(classifier.seen))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "class_sums": self.class_sums, "class_counts": self.class_counts}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.class_sums, self.class_counts = state_dict["class_sums"], state_dict["class_counts"]
+    @override
+    def fit_classifier(self, classifier: ClosedFormClassifier) -> None:
+        prototypes, seen = self.prototypes, self.seen
+        assert isinstance(classifier, CosinePrototypeClassifier) and prototypes is not None and seen is not None
+        classifier.set_prototypes(prototypes.to(classifier.prototypes), seen.to(classifier.seen))

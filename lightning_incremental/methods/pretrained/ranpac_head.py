@@ -6,12 +6,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from typing_extensions import override
 
 from lightning_incremental.core import ModelInterface
-from lightning_incremental.methods.pretrained._statistics import (
+from lightning_incremental.methods.pretrained._base import ClosedFormHead, statistic
+from lightning_incremental.methods.pretrained.classifier import ClosedFormClassifier
+from lightning_incremental.methods.pretrained.functional import (
     RIDGE_GRID,
-    ClosedFormClassifier,
-    ClosedFormHead,
     holdout_mask,
     ridge_solve,
     ridge_statistics,
@@ -56,6 +57,7 @@ class RandomProjectionRidgeClassifier(ClosedFormClassifier):
         with torch.autocast(features.device.type, enabled=False):
             return ACTIVATIONS[self.activation](features.float() @ self.projection)
 
+    @override
     def scores(self, features: Tensor) -> Tensor:
         return self.expand(features) @ self.weight
 
@@ -64,6 +66,7 @@ class RandomProjectionRidgeClassifier(ClosedFormClassifier):
         self.weight.copy_(weight)
         self.seen.copy_(seen)
 
+    @override
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, projection_dim={self.projection_dim}, activation={self.activation}"
 
@@ -114,40 +117,39 @@ class RanPACHead(ClosedFormHead):
             (default ``1e-8 ... 1e4`` in half decades).
         holdout: the fraction of rows held out to choose ``lambda``, in (0, 1).
         seed: seeds the projection and the held-out rows.
-        head_module: the dotted name of the model's head layer, whose input is the features; by default the first
-            submodule called ``head``, ``classifier`` or ``fc``.
-        num_classes: the number of classes; by default the head's ``out_features``.
-        in_features: the size of the features; by default the head's ``in_features``.
-        model_interface: how to call the model on a batch and read its class labels; default: the model's
-            ``continual_interface``, else :class:`~lightning_incremental.ModelInterface`'s defaults.
+        head_module, num_classes, in_features, model_interface: which layer is the head and how to read the model,
+            as for :class:`~lightning_incremental.methods.pretrained.PrototypeHead` (by default the first submodule
+            called ``head``, ``classifier`` or ``fc``, its sizes and the model's interface).
 
     Attributes:
         classifier: the :class:`RandomProjectionRidgeClassifier` in the model (after the first ``setup``).
         chosen_ridge: the ``lambda`` of the last fit (``ridge`` when it is fixed).
         validation_errors: the held-out mean squared error of every ``ridge_grid`` entry, at the last choice.
         gram, targets_sum, gram_val, targets_val, val_rows, class_counts: the statistics, float64 (``None`` before
-            the first task ends; the held-out ones only when ``lambda`` is chosen).
+            the first task ends; the held-out ones only when ``lambda`` is chosen), named entries of
+            :attr:`statistics`.
 
-    Example::
+    Example (the task loop of :func:`~lightning_incremental.fit_tasks`)::
 
-        >>> import lightning as L
-        >>> from lightning_incremental import ContinualEvaluation, MLPClassifier
+        >>> from lightning_incremental import MLPClassifier, fit_tasks
         >>> from lightning_incremental.scenarios import synthetic_stream
-        >>> _ = L.seed_everything(0, verbose=False)
-        >>> stream, model = synthetic_stream(n_tasks=2), MLPClassifier(16, 4, hidden=(64,))
-        >>> _ = model.net[0].requires_grad_(False)  # a frozen (here random) backbone
-        >>> head, evaluation = RanPACHead(projection_dim=256), ContinualEvaluation(stream)
-        >>> for task in stream:
-        ...     trainer = L.Trainer(max_epochs=5, callbacks=[head, evaluation], logger=False, enable_progress_bar=False,
-        ...                         enable_checkpointing=False, enable_model_summary=False)
-        ...     trainer.fit(model, task.train_dataloader(batch_size=32))
+        >>> _ = torch.manual_seed(0)
+        >>> model, head = MLPClassifier(16, 4, hidden=(64,)), RanPACHead(projection_dim=256)
+        >>> model.net[0].requires_grad_(False).weight.requires_grad  # a frozen (here random) backbone
+        False
+        >>> quiet = {"max_epochs": 5, "logger": False, "enable_progress_bar": False, "enable_checkpointing": False}
+        >>> result = fit_tasks(model, synthetic_stream(n_tasks=2), [head], trainer_kwargs=quiet)
         >>> type(model.head).__name__, tuple(model.head.weight.shape), head.chosen_ridge > 0
         ('RandomProjectionRidgeClassifier', (256, 4), True)
-        >>> min(evaluation.result().matrix[-1]) > 0.9  # both tasks, classified among all four classes
+        >>> min(result.matrix[-1]) > 0.9  # both tasks, classified among all four classes
         True
     """
 
     classifier_type = RandomProjectionRidgeClassifier
+    gram = statistic("gram", "``sum h h^T`` over every row, ``[M, M]``")
+    targets_sum = statistic("targets_sum", "``sum h y^T`` over every row, ``[M, classes]``")
+    gram_val = statistic("gram_val", "``sum h h^T`` over the held-out rows, when lambda is chosen")
+    targets_val = statistic("targets_val", "``sum h y^T`` over the held-out rows, when lambda is chosen")
 
     def __init__(
         self,
@@ -176,15 +178,15 @@ class RanPACHead(ClosedFormHead):
             raise ValueError(f"`holdout` must be a fraction in (0, 1), e.g. 0.2; got {holdout}.")
         self.projection_dim, self.activation, self.seed = projection_dim, activation, int(seed)
         self.ridge, self.ridge_grid, self.holdout = ridge, grid, float(holdout)
-        self.class_counts: Tensor | None = None  # [classes]
-        self.gram: Tensor | None = None  # sum h h^T over every row, [M, M]
-        self.targets_sum: Tensor | None = None  # sum h y^T over every row, [M, classes]
-        self.gram_val: Tensor | None = None  # the same over the held-out rows (when lambda is chosen)
-        self.targets_val: Tensor | None = None
-        self.val_rows = 0.0
         self.chosen_ridge: float | None = None  # the lambda of the last fit
         self.validation_errors: list[float] = []  # held-out mean squared error per ridge_grid entry, last choice
 
+    @property
+    def val_rows(self) -> float:
+        """The number of held-out rows so far (0 before the first task ends, or when ``ridge`` is fixed)."""
+        return float(self.statistics["val_rows"]) if "val_rows" in self.statistics else 0.0
+
+    @override
     def build_classifier(
         self, original: nn.Module, in_features: int, num_classes: int
     ) -> RandomProjectionRidgeClassifier:
@@ -192,73 +194,52 @@ class RanPACHead(ClosedFormHead):
             original, in_features, num_classes, self.projection_dim, self.activation, self.seed
         )
 
-    def zero_statistics(self, classifier: ClosedFormClassifier, device: torch.device) -> list[Tensor]:
+    @override
+    def statistic_shapes(self, classifier: ClosedFormClassifier) -> dict[str, tuple[int, ...]]:
         m, k = self.projection_dim, classifier.num_classes
-        shapes = [(k,), (m, m), (m, k)] + ([(m, m), (m, k), (1,)] if self.ridge is None else [])
-        return [torch.zeros(shape, dtype=torch.float64, device=device) for shape in shapes]
+        shapes = {**super().statistic_shapes(classifier), "gram": (m, m), "targets_sum": (m, k)}
+        if self.ridge is None:  # the held-out rows' statistics, kept apart to choose lambda
+            shapes.update(gram_val=(m, m), targets_val=(m, k), val_rows=())
+        return shapes
 
+    @override
     def accumulate(
-        self, statistics: list[Tensor], features: Tensor, labels: Tensor, classifier: ClosedFormClassifier
+        self, task: dict[str, Tensor], features: Tensor, labels: Tensor, classifier: ClosedFormClassifier
     ) -> None:
         assert isinstance(classifier, RandomProjectionRidgeClassifier)
+        super().accumulate(task, features, labels, classifier)
         expanded = classifier.expand(features)
-        k = classifier.num_classes
-        statistics[0] += torch.bincount(labels, minlength=k).to(statistics[0])
-        gram, targets = ridge_statistics(expanded, labels, k)
-        statistics[1] += gram
-        statistics[2] += targets
+        gram, targets = ridge_statistics(expanded, labels, classifier.num_classes)
+        task["gram"] += gram
+        task["targets_sum"] += targets
         if self.ridge is None:
             held_out = holdout_mask(features, self.holdout, self.seed)
-            gram_val, targets_val = ridge_statistics(expanded[held_out], labels[held_out], k)
-            statistics[3] += gram_val
-            statistics[4] += targets_val
-            statistics[5] += held_out.sum()
+            gram_val, targets_val = ridge_statistics(expanded[held_out], labels[held_out], classifier.num_classes)
+            task["gram_val"] += gram_val
+            task["targets_val"] += targets_val
+            task["val_rows"] += held_out.sum()
 
-    def consolidate(self, statistics: list[Tensor], classifier: ClosedFormClassifier) -> None:
-        device = statistics[0].device
-        counts, gram, targets = statistics[:3]
-        self.class_counts = _add(self.class_counts, counts)
-        self.gram, self.targets_sum = _add(self.gram, gram), _add(self.targets_sum, targets)
+    @override
+    def fit_classifier(self, classifier: ClosedFormClassifier) -> None:
+        assert isinstance(classifier, RandomProjectionRidgeClassifier) and self.seen is not None
+        device = classifier.weight.device
+        gram, targets = self.statistics["gram"].to(device), self.statistics["targets_sum"].to(device)
         if self.ridge is None:
-            self.gram_val, self.targets_val = _add(self.gram_val, statistics[3]), _add(self.targets_val, statistics[4])
-            self.val_rows += float(statistics[5])
-            gram_val, targets_val = self.gram_val.to(device), self.targets_val.to(device)
+            gram_val, targets_val = self.statistics["gram_val"].to(device), self.statistics["targets_val"].to(device)
             self.chosen_ridge, self.validation_errors = select_ridge(
-                self.gram.to(device) - gram_val,
-                self.targets_sum.to(device) - targets_val,
-                gram_val,
-                targets_val,
-                self.val_rows,
-                self.ridge_grid,
+                gram - gram_val, targets - targets_val, gram_val, targets_val, self.val_rows, self.ridge_grid
             )
         else:
             self.chosen_ridge = self.ridge
-        weight = ridge_solve(self.gram.to(device), self.targets_sum.to(device), self.chosen_ridge)
-        assert isinstance(classifier, RandomProjectionRidgeClassifier)
-        classifier.set_weight(weight.to(classifier.weight), (self.class_counts > 0).to(classifier.seen))
+        weight = ridge_solve(gram, targets, self.chosen_ridge)
+        classifier.set_weight(weight.to(classifier.weight), self.seen.to(classifier.seen))
 
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            "class_counts": self.class_counts,
-            "gram": self.gram,
-            "targets_sum": self.targets_sum,
-            "gram_val": self.gram_val,
-            "targets_val": self.targets_val,
-            "val_rows": self.val_rows,
-            "chosen_ridge": self.chosen_ridge,
-            "validation_errors": list(self.validation_errors),
-        }
+        state = {"chosen_ridge": self.chosen_ridge, "validation_errors": list(self.validation_errors)}
+        return {**super().state_dict(), **state}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.class_counts, self.gram = state_dict["class_counts"], state_dict["gram"]
-        self.targets_sum, self.gram_val = state_dict["targets_sum"], state_dict["gram_val"]
-        self.targets_val, self.val_rows = state_dict["targets_val"], float(state_dict["val_rows"])
         self.chosen_ridge, self.validation_errors = state_dict["chosen_ridge"], list(state_dict["validation_errors"])
-
-
-def _add(total: Tensor | None, task: Tensor) -> Tensor:
-    """The running sum (on the CPU, where the state lives) plus a task's statistics."""
-    task = task.cpu()
-    return task if total is None else total + task

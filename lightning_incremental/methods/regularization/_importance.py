@@ -1,11 +1,10 @@
 """Importance estimated from per-sample gradients over the task's data: the common part of EWC and MAS."""
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
@@ -16,7 +15,9 @@ from lightning_incremental.core import (
     check_interface_argument,
     index_batch,
     interface_of,
+    own_pass,
     private_pass,
+    task_rows,
 )
 from lightning_incremental.core.per_sample import Reduction, per_sample_grad_sums
 from lightning_incremental.methods.regularization._quadratic import (
@@ -82,34 +83,23 @@ class SampledImportance(QuadraticPenalty):
         """Mean over samples (and ranks) of ``phi(d loss_n / d theta)`` per trainable parameter."""
         params = named_trainable_parameters(pl_module)
         interface = interface_of(pl_module, self.model_interface)
-        with private_pass(pl_module):
+        if self.consolidate_every_n_steps is not None and self._recent:  # task-free: the most recent batches
+            source: Iterable[Any] = list(self._recent)
+            limit: int | None = self.importance_samples or 256
+        else:  # this rank's shard of the task, its share of `importance_samples`
+            source = task_rows(trainer)
+            limit = None if self.importance_samples is None else -(-self.importance_samples // trainer.world_size)
+        with own_pass(trainer, pl_module, source, limit=limit, grad=True, autocast=False) as batches:
             sums, count = per_sample_grad_sums(
                 pl_module,
-                self._batches(trainer, pl_module),
+                batches,
                 lambda logits, batch: self.per_sample_loss(interface, logits, batch),
                 interface.predict,
                 reduction=self.reduction,
                 params=params,
                 chunk_size=self.chunk_size,
             )
-        sums, count = all_reduce_sums(trainer, sums, count)
+        sums, count = all_reduce_sums(sums, count)
         if count == 0:
             raise RuntimeError(f"{type(self).__name__} found no training data to estimate the importance from.")
         return {name: total / count for name, total in sums.items()}
-
-    def _batches(self, trainer: Trainer, pl_module: LightningModule) -> Iterator[Any]:
-        if self.consolidate_every_n_steps is not None and self._recent:
-            source: Any = list(self._recent)
-            limit = self.importance_samples or 256
-        else:
-            source = trainer.train_dataloader
-            limit = None if self.importance_samples is None else -(-self.importance_samples // trainer.world_size)
-        seen = 0
-        for batch in source:
-            if limit is not None and seen >= limit:
-                return
-            batch = move_data_to_device(batch, pl_module.device)
-            if limit is not None and seen + batch_size_of(batch) > limit:
-                batch = index_batch(batch, slice(0, limit - seen))
-            seen += batch_size_of(batch)
-            yield batch

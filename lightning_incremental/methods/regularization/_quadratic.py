@@ -14,25 +14,15 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
-from lightning_incremental.core import ContinualCallback, _lightning
+from lightning_incremental.core import ContinualCallback, all_reduce_sum, grow_to, should_update_logs
 
 
 def validate_lambda(lambda_: float) -> float:
     if not isinstance(lambda_, (int, float)) or not math.isfinite(lambda_) or lambda_ < 0:
         raise ValueError(f"`lambda_` must be a finite number >= 0, got {lambda_!r}; 0 turns the penalty off.")
     return float(lambda_)
-
-
-def pad_to(tensor: Tensor, shape: torch.Size) -> Tensor:
-    """Zero-pad ``tensor`` to the larger ``shape`` (a classifier that grew rows keeps the old ones in front)."""
-    if tensor.shape == shape:
-        return tensor
-    if tensor.ndim != len(shape) or any(old > new for old, new in zip(tensor.shape, shape, strict=True)):
-        raise ValueError(f"cannot pad a tensor of shape {tuple(tensor.shape)} to {tuple(shape)}")
-    padded = tensor.new_zeros(shape)
-    padded[tuple(slice(0, size) for size in tensor.shape)] = tensor
-    return padded
 
 
 class QuadraticPenalty(ContinualCallback):
@@ -46,6 +36,8 @@ class QuadraticPenalty(ContinualCallback):
         lambda_: the penalty strength.
         consolidate_every_n_steps: also consolidate every N optimizer steps (task-free, online use).
     """
+
+    reads_trained_weights = True
 
     def __init__(self, lambda_: float, consolidate_every_n_steps: int | None = None) -> None:
         super().__init__()
@@ -67,14 +59,16 @@ class QuadraticPenalty(ContinualCallback):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ hooks
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
+    @override
+    def place_state(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_global_step = trainer.global_step
         self._build_terms(pl_module)
 
+    @override
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._consolidate(trainer, pl_module)
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
@@ -85,6 +79,7 @@ class QuadraticPenalty(ContinualCallback):
         if self._steps % self.consolidate_every_n_steps == 0:
             self._consolidate(trainer, pl_module)
 
+    @override
     def add_gradient_terms(
         self, trainer: Trainer, pl_module: LightningModule, params: list[Tensor], grads: list[Tensor], scale: float
     ) -> None:
@@ -97,13 +92,15 @@ class QuadraticPenalty(ContinualCallback):
         weights, offsets = [t[0] for t in terms], [t[1] for t in terms]
         torch._foreach_addcmul_(grads_in, thetas, weights, value=scale)
         torch._foreach_add_(grads_in, offsets, alpha=scale)
-        if _lightning.should_update_logs(trainer):
+        if should_update_logs(trainer):
             self._log_penalty(pl_module, thetas, weights, offsets)
 
     # ------------------------------------------------------------------ state
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "importance": self.importance, "anchor": self.anchor, "steps": self._steps}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.importance = dict(state_dict["importance"])
@@ -128,7 +125,7 @@ class QuadraticPenalty(ContinualCallback):
             importance, anchor = self.importance[name], self.anchor[name]
             if importance.shape != param.shape:
                 try:
-                    importance, anchor = pad_to(importance, param.shape), pad_to(anchor, param.shape)
+                    importance, anchor = grow_to(importance, param.shape), grow_to(anchor, param.shape)
                 except ValueError:
                     rank_zero_warn(
                         f"{type(self).__name__}: `{name}` shrank from {tuple(importance.shape)} to "
@@ -163,18 +160,10 @@ def snapshot(params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
     return {name: p.detach().float().clone() for name, p in params.items()}
 
 
-def all_reduce_sums(trainer: Trainer, sums: dict[str, Tensor], count: int) -> tuple[dict[str, Tensor], int]:
-    """Sum per-rank importance sums and sample counts over DDP ranks, in one collective."""
-    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+def all_reduce_sums(sums: dict[str, Tensor], count: int) -> tuple[dict[str, Tensor], int]:
+    """Sum per-rank importance sums and sample counts over the ranks, in one collective."""
+    if not sums:
         return sums, count
     names = list(sums)
-    flat = torch.cat(
-        [sums[name].flatten() for name in names] + [torch.tensor([float(count)], device=sums[names[0]].device)]
-    )
-    torch.distributed.all_reduce(flat)
-    reduced, offset = {}, 0
-    for name in names:
-        size = sums[name].numel()
-        reduced[name] = flat[offset : offset + size].view_as(sums[name])
-        offset += size
-    return reduced, int(flat[-1].item())
+    *reduced, total = all_reduce_sum([*sums.values(), torch.tensor([float(count)], device=sums[names[0]].device)])
+    return dict(zip(names, reduced, strict=True)), int(total.item())

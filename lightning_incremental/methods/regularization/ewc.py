@@ -6,6 +6,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 from torch.nn import functional as F
+from typing_extensions import override
 
 from lightning_incremental.core import ModelInterface
 from lightning_incremental.methods.regularization._importance import SampledImportance
@@ -38,7 +39,7 @@ class EWC(SampledImportance):
     squared gradients of every output, for a Bernoulli ``p (1 - p)`` times those of every logit.
 
     The defaults (``lambda_=300``, online with ``decay=0.9``, empirical Fisher over the whole task) were chosen by
-    ``benchmarks/sweep_regularization.py`` and ``benchmarks/long_stream.py``; the numbers are in
+    ``benchmarks/sweeps/sweep_regularization.py`` and ``benchmarks/studies/long_stream.py``; the numbers are in
     ``benchmarks/RESULTS.md``. Online is the default because separate EWC's importance only grows: on a long
     stream (20 tasks) the summed Fisher ends up freezing the model and it falls below plain fine-tuning, while
     online EWC's decayed importance stays bounded (``decay / (1 - decay)`` times one task's).
@@ -88,14 +89,39 @@ class EWC(SampledImportance):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"`decay` must be in [0, 1], got {decay}.")
         self.mode, self.decay, self.fisher = mode, float(decay), fisher
+        self._last_fisher: dict[str, Tensor] = {}  # the Fisher of the last consolidation alone
+        self._last_fisher_task: int | None = None  # tasks_completed after the task it was estimated at
 
+    @override
     def per_sample_loss(self, interface: ModelInterface, logits: Tensor, batch: Any) -> Tensor:
         if self.fisher == "empirical":
             return interface.per_sample_loss(logits, batch)
         return _true_fisher_columns(logits.float(), interface.likelihood_of(logits, interface.targets(batch)))
 
+    def check_task_fisher(self) -> None:
+        """Refuse, with the fix, to give one Fisher per task while consolidating during tasks as well."""
+        if self.consolidate_every_n_steps is not None:
+            raise RuntimeError(
+                "One Fisher per task (for WeightMerging(mode='fisher')) needs EWC to consolidate at task ends "
+                f"only, but EWC(consolidate_every_n_steps={self.consolidate_every_n_steps}) also consolidates during "
+                "the task. Use EWC(consolidate_every_n_steps=None) beside it."
+            )
+
+    def task_fisher(self) -> dict[str, Tensor]:
+        """The diagonal Fisher of the task that is ending, alone (not folded into the importance), per trainable
+        parameter name; estimated at this task's end (:class:`~lightning_incremental.core.FisherSource`)."""
+        self.check_task_fisher()
+        if self.resuming_task or self._last_fisher_task != self.tasks_completed:  # not this task's end yet
+            raise RuntimeError(
+                "EWC has not estimated this task's Fisher yet: it does so at the task end, in callback order. Put EWC "
+                "before the callback that reads its Fisher: callbacks=[EWC(...), WeightMerging(mode='fisher')]."
+            )
+        return self._last_fisher
+
+    @override
     def consolidate(self, trainer: Trainer, pl_module: LightningModule) -> None:
         fisher = self.estimate_importance(trainer, pl_module)
+        self._last_fisher, self._last_fisher_task = fisher, self.tasks_completed + 1  # once this task ends
         current = snapshot(named_trainable_parameters(pl_module))
         for name, information in fisher.items():
             old = self.importance.get(name)

@@ -2,6 +2,7 @@
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from typing_extensions import override
 
 from lightning_incremental.methods.regularization._quadratic import (
     QuadraticPenalty,
@@ -18,8 +19,8 @@ class L2Anchor(QuadraticPenalty):
     optimizer step.
 
     Args:
-        lambda_: penalty strength (>= 0). Default ``0.1``, the best mean final accuracy of the sweep in
-            ``benchmarks/sweep_regularization.py`` (permuted digits, 5 seeds): 0.569 (0.01: 0.558, 1: 0.412).
+        lambda_: penalty strength (>= 0). Default ``0.1``, the best mean final accuracy of the regularization
+            sweep on the permuted digits stream (``benchmarks/RESULTS.md``, "The regularization methods' defaults").
         consolidate_every_n_steps: also move the anchor every N optimizer steps (task-free use).
 
     Example::
@@ -38,6 +39,7 @@ class L2Anchor(QuadraticPenalty):
     def __init__(self, lambda_: float = 0.1, consolidate_every_n_steps: int | None = None) -> None:
         super().__init__(lambda_, consolidate_every_n_steps)
 
+    @override
     def consolidate(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.anchor = snapshot(named_trainable_parameters(pl_module))
         self.importance = {name: torch.ones_like(anchor) for name, anchor in self.anchor.items()}

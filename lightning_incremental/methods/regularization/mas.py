@@ -4,6 +4,7 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_incremental.core import ModelInterface
 from lightning_incremental.core.per_sample import Reduction
@@ -21,7 +22,7 @@ class MAS(SampledImportance):
     at the latest weights, and the gradient ``lambda * Omega * (theta - theta*)`` is added before every
     optimizer step.
 
-    The defaults (``lambda_=0.1``, ``alpha=0.5``) were chosen by ``benchmarks/sweep_regularization.py``; the
+    The defaults (``lambda_=0.1``, ``alpha=0.5``) were chosen by ``benchmarks/sweeps/sweep_regularization.py``; the
     numbers are in ``benchmarks/RESULTS.md``. The importance is in units of the squared outputs, much larger
     than a Fisher: MAS's lambda is correspondingly small.
 
@@ -39,13 +40,13 @@ class MAS(SampledImportance):
         >>> import lightning as L
         >>> from lightning_incremental import MLPClassifier
         >>> from lightning_incremental.scenarios import synthetic_stream
-        >>> stream, model, mas = synthetic_stream(n_tasks=2), MLPClassifier(16, 4, hidden=(8,)), MAS(lambda_=1.0)
-        >>> for task in stream:
-        ...     trainer = L.Trainer(max_epochs=1, callbacks=[mas], logger=False, enable_progress_bar=False,
-        ...                         enable_checkpointing=False, enable_model_summary=False)
-        ...     trainer.fit(model, task.train_dataloader(batch_size=16))
-        >>> bool(mas.importance["net.0.weight"].min() >= 0), mas.tasks_completed
-        (True, 2)
+        >>> stream, model = synthetic_stream(n_tasks=1), MLPClassifier(16, 2, hidden=(8,))
+        >>> mas = MAS(lambda_=1.0, consolidate_every_n_steps=3)  # task-free: consolidates during one long fit
+        >>> trainer = L.Trainer(max_epochs=2, callbacks=[mas], logger=False, enable_progress_bar=False,
+        ...                     enable_checkpointing=False, enable_model_summary=False)
+        >>> trainer.fit(model, stream[0].train_dataloader(batch_size=16))
+        >>> bool(mas.importance["net.0.weight"].min() >= 0), trainer.global_step, mas.tasks_completed
+        (True, 12, 1)
     """
 
     reduction: Reduction = "abs"
@@ -64,9 +65,11 @@ class MAS(SampledImportance):
             raise ValueError(f"`alpha` must be in [0, 1], got {alpha}.")
         self.alpha = float(alpha)
 
+    @override
     def per_sample_loss(self, interface: ModelInterface, logits: Tensor, batch: Any) -> Tensor:
         return logits.float().flatten(1).square().sum(-1)
 
+    @override
     def consolidate(self, trainer: Trainer, pl_module: LightningModule) -> None:
         importance = self.estimate_importance(trainer, pl_module)
         current = snapshot(named_trainable_parameters(pl_module))

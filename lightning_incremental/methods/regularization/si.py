@@ -5,11 +5,12 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
+from typing_extensions import override
 
+from lightning_incremental.core import grow_to
 from lightning_incremental.methods.regularization._quadratic import (
     QuadraticPenalty,
     named_trainable_parameters,
-    pad_to,
     snapshot,
 )
 
@@ -24,12 +25,11 @@ class SI(QuadraticPenalty):
     ``omega`` restarts; during later tasks ``lambda * Omega * (theta - theta*)`` is added to the gradient.
     The bookkeeping is three fused passes per step (a copy of the weights before the step, then
     ``omega += g * (theta_before - theta_after)``), on the parameters' device. Integrating the task loss's
-    gradient alone (without the penalty's) costs a copy of the gradients every step and measured the same on
-    the permuted digits stream (0.652 against 0.650, seeds 0–2, ``lambda_=100``).
+    gradient alone (without the penalty's) would cost a copy of the gradients every step and measured the same
+    (``benchmarks/RESULTS.md``, "The regularization methods' defaults").
 
-    Defaults (``lambda_=100``, ``epsilon=1.0``) are the best mean final accuracy of the sweep in
-    ``benchmarks/sweep_regularization.py`` (permuted digits, 5 seeds): 0.663 against naive fine-tuning's
-    0.485 (lambda 50: 0.646, 200: 0.650; epsilon 0.1 with lambda 20: 0.659).
+    The defaults (``lambda_=100``, ``epsilon=1.0``) are the best mean final accuracy of the regularization sweep
+    on the permuted digits stream; the numbers are in ``benchmarks/RESULTS.md``.
 
     Args:
         lambda_: penalty strength (>= 0).
@@ -39,14 +39,15 @@ class SI(QuadraticPenalty):
     Example::
 
         >>> import lightning as L
-        >>> from lightning_incremental import MLPClassifier
+        >>> from lightning_incremental import ContinualEvaluation, MLPClassifier
         >>> from lightning_incremental.scenarios import synthetic_stream
         >>> stream, model, si = synthetic_stream(n_tasks=2), MLPClassifier(16, 4, hidden=(8,)), SI(lambda_=1.0)
+        >>> evaluation = ContinualEvaluation(stream)  # after SI in the list: it measures the consolidated model
         >>> for task in stream:
-        ...     trainer = L.Trainer(max_epochs=1, callbacks=[si], logger=False, enable_progress_bar=False,
+        ...     trainer = L.Trainer(max_epochs=1, callbacks=[si, evaluation], logger=False, enable_progress_bar=False,
         ...                         enable_checkpointing=False, enable_model_summary=False)
         ...     trainer.fit(model, task.train_dataloader(batch_size=16))
-        >>> bool(si.importance["net.0.weight"].sum() > 0), si.tasks_completed
+        >>> bool(si.importance["net.0.weight"].sum() > 0), len(evaluation.result().matrix)
         (True, 2)
     """
 
@@ -63,17 +64,20 @@ class SI(QuadraticPenalty):
         self._before: dict[str, Tensor] = {}  # reused buffers for the weights before a step
         self._pending: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] | None = None
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
+    @override
+    def place_state(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().place_state(trainer, pl_module)
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
         for name, param in named_trainable_parameters(pl_module).items():  # a grown head: pad the path
             if name in self.path and self.path[name].shape != param.shape:
-                self.path[name] = pad_to(self.path[name], param.shape)
-                self.start[name] = pad_to(self.start[name], param.shape)
+                self.path[name] = grow_to(self.path[name], param.shape)
+                self.start[name] = grow_to(self.start[name], param.shape)
 
+    @override
     def on_task_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restart_path(pl_module)
 
+    @override
     def add_gradient_terms(
         self, trainer: Trainer, pl_module: LightningModule, params: list[Tensor], grads: list[Tensor], scale: float
     ) -> None:
@@ -90,6 +94,7 @@ class SI(QuadraticPenalty):
         torch._foreach_copy_(before, thetas)
         self._pending = (thetas, step_grads, before, [self.path[name] for name in names])
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
@@ -105,6 +110,7 @@ class SI(QuadraticPenalty):
                         path.addcmul_(grad.float(), delta.float())
         super().on_train_batch_end(trainer, pl_module, outputs, batch, idx)
 
+    @override
     def consolidate(self, trainer: Trainer, pl_module: LightningModule) -> None:
         current = snapshot(named_trainable_parameters(pl_module))
         for name, theta in current.items():
@@ -112,13 +118,15 @@ class SI(QuadraticPenalty):
                 continue
             contribution = (self.path[name] / ((theta - self.start[name]).square() + self.epsilon)).clamp_min(0)
             old = self.importance.get(name)
-            self.importance[name] = contribution if old is None else pad_to(old, theta.shape) + contribution
+            self.importance[name] = contribution if old is None else grow_to(old, theta.shape) + contribution
             self.anchor[name] = theta
         self._restart_path(pl_module)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "path": self.path, "start": self.start}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.path, self.start = dict(state_dict["path"]), dict(state_dict["start"])

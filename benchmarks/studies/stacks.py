@@ -1,16 +1,16 @@
 """Common stacks of methods in one Trainer against their members alone (the reference protocol, 5 tasks).
 
-    python benchmarks/stacks.py --seeds 3 --scenarios split permuted
+    python benchmarks/studies/stacks.py --seeds 3 --scenarios split permuted
 
-Prints final average accuracy and forgetting per stack (mean over the seeds); RESULTS.md has the table. The
-callback order is the list's: the first method wraps the others (replay first: the inner methods also see the
-replayed rows).
+The final average accuracy and forgetting of every stack (over the seeds) go to the section "Stacks" of
+benchmarks/RESULTS.md. The callback order is the list's: the first method wraps the others (replay first: the inner
+methods also see the replayed rows).
 """
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # benchmarks/: the harness and the results file's sections
 
 from harness import Grid, setup_threads, sweep_main
 
@@ -55,4 +55,4 @@ GRID: Grid = {
 
 if __name__ == "__main__":
     setup_threads()
-    sweep_main(__doc__, GRID, ["split", "permuted"], seeds=3)
+    sweep_main(__doc__, "Stacks", GRID, ["split", "permuted"], seeds=3)

@@ -1,14 +1,20 @@
 """The sweep that chose the regularization methods' defaults (the reference protocol, permuted digits).
 
-    python benchmarks/sweep_regularization.py [--seeds 5] [--first-seed 0] [--methods naive ewc ...]
+    python benchmarks/sweeps/sweep_regularization.py [--seeds 5] [--first-seed 0] [--methods naive ewc ...]
 
-For every method and every value of its strength ``lambda_`` it prints the final average accuracy and the
-forgetting (means over the seeds), next to naive fine-tuning in the same run. The defaults in the
-methods' docstrings are the values with the best mean average accuracy here over 5 seeds (the seed changes
-the model's initialisation, the permutations and the data order; single seeds differ by up to 0.1, so one
-seed does not rank them). About 25 minutes on one core; two processes with ``--methods`` halves and
-``OMP_NUM_THREADS=1`` use two cores without slowing each other down.
+The final average accuracy and the forgetting (over the seeds) of every method at every value of its strength
+``lambda_``, next to naive fine-tuning in the same run, go to the section "The regularization methods' defaults" of
+benchmarks/RESULTS.md. The defaults in the methods' docstrings are the values with the best mean average accuracy here
+over 5 seeds (the seed changes the model's initialisation, the permutations and the data order; single seeds differ
+by up to 0.1, so one seed does not rank them). About 25 minutes on one core; two processes with ``--methods``
+halves, ``OMP_NUM_THREADS=1`` and a ``--results`` file each use two cores without slowing each other down (each run
+writes the whole section: join the two tables by hand).
 """
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1]))  # benchmarks/: the harness and the results file's sections
 
 from harness import Grid, sweep_main
 
@@ -34,7 +40,7 @@ GRID: Grid = {
 
 
 def main() -> None:
-    sweep_main(__doc__, GRID, ["permuted"], seeds=5)
+    sweep_main(__doc__, "The regularization methods' defaults", GRID, ["permuted"], seeds=5)
 
 
 if __name__ == "__main__":

