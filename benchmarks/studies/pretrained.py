@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # benchmarks/: the harness a
 
 import lightning as L
 import torch
-from harness import quiet_lightning
+from harness import QUIET, quiet_lightning
 from lightning.pytorch import Callback
 from sections import add_results_argument, publish
 from torch import nn
@@ -47,13 +47,6 @@ from lightning_incremental.scenarios import TaskStream
 from lightning_incremental.scenarios.newsgroups import newsgroups_stream
 from lightning_incremental.text import TextClassifier, load_encoder, load_tokenizer, pad_batch
 
-QUIET = {
-    "accelerator": "cpu",
-    "logger": False,
-    "enable_progress_bar": False,
-    "enable_checkpointing": False,
-    "enable_model_summary": False,
-}
 FULL_LR, ADAPTER_LR, HEAD_LR = 5e-5, 1e-3, 1e-3
 
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # benchmarks/: the harness a
 import lightning as L
 import torch
 import transformers
-from harness import quiet_lightning
+from harness import QUIET, quiet_lightning
 from lightning.pytorch import Callback, LightningModule
 from sections import add_results_argument, publish
 from torch import Tensor
@@ -50,14 +50,6 @@ from lightning_incremental.methods.fusion import WeightMerging
 from lightning_incremental.methods.regularization import EWC
 
 MODES = ("interpolate", "average", "task_arithmetic", "ties", "dare", "magmax", "fisher")
-QUIET = {
-    "accelerator": "cpu",
-    "logger": False,
-    "enable_progress_bar": False,
-    "enable_checkpointing": False,
-    "enable_model_summary": False,
-    "max_epochs": 1,
-}
 
 
 def minilm_path() -> str:
@@ -134,7 +126,7 @@ def measure(mode: str, tasks: int, sigma: float) -> dict[str, float]:
     held = []
     for task in range(tasks):
         model.task_index = task
-        L.Trainer(callbacks=callbacks, **QUIET).fit(model, loader)
+        L.Trainer(max_epochs=1, callbacks=callbacks, **QUIET).fit(model, loader)
         if task in (0, tasks - 1):
             held.append(state_bytes(merge))
     if not all(torch.isfinite(p).all() for p in model.parameters()):

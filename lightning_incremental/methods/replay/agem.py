@@ -123,7 +123,8 @@ class AGEM(ReplayMethod):
             for p, r, g in zip(params, references, grads, strict=True)
         ]
         if trainer.world_size > 1:  # the mean reference gradient over the ranks, as DDP averages gradients
-            references = [r / trainer.world_size for r in all_reduce_sum(references)]
+            references = all_reduce_sum(references)
+            torch._foreach_div_(references, trainer.world_size)
         projected = project_conflicting(grads, references)
         self._projected = self._projected.to(projected.device) + projected
 
