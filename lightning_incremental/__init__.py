@@ -5,7 +5,7 @@ Every method, head and tool is importable from here, as Lightning's own callback
 """
 
 from lightning_incremental.buffers import ReplayBuffer
-from lightning_incremental.core import ContinualCallback, ModelInterface
+from lightning_incremental.core import ContinualCallback, ModelInterface, TaskCheckpoint
 from lightning_incremental.evaluation import ContinualEvaluation, ContinualResult
 from lightning_incremental.heads import GrowHeads, IncrementalClassifier, MultiHeadClassifier
 from lightning_incremental.methods.distillation import LwF
@@ -44,6 +44,7 @@ __all__ = [
     "PrototypeHead",
     "RanPACHead",
     "ReplayBuffer",
+    "TaskCheckpoint",
     "WeightMerging",
     "fit_tasks",
     "load_task_checkpoint",

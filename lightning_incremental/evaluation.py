@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
@@ -27,6 +27,7 @@ from lightning_incremental.core import (
     logging_step,
     own_pass,
     rows_of,
+    validation_dataloaders,
 )
 from lightning_incremental.scenarios.stream import Task, TaskStream
 
@@ -59,6 +60,9 @@ class ContinualResult:
     (0.3, -0.3, 0.3)
     >>> ContinualResult.from_json(errors.to_json()) == errors
     True
+    >>> seen_so_far = ContinualResult([[0.9], [0.7, 0.8]])  # a validation loader per task seen so far
+    >>> seen_so_far.summary()["acc"], seen_so_far.summary()["bwt"], math.isnan(seen_so_far.summary()["fwt"])
+    (0.75, -0.2, True)
     """
 
     matrix: list[list[float]]
@@ -72,8 +76,9 @@ class ContinualResult:
         undefined."""
         if not self.matrix:
             return {name: math.nan for name in self._labels()}
-        matrix, direction = torch.tensor(self.matrix, dtype=torch.float64), self.higher_is_better
-        initial = torch.tensor(self.initial, dtype=torch.float64) if self.initial else None
+        width, direction = self._width(), self.higher_is_better
+        matrix = torch.tensor([_padded(row, width) for row in self.matrix], dtype=torch.float64)
+        initial = torch.tensor(_padded(self.initial, width), dtype=torch.float64) if self.initial else None
         values = {
             self.metric: metrics.average_metric(matrix),
             f"avg_incremental_{self.metric}": metrics.average_incremental_metric(matrix),
@@ -88,13 +93,20 @@ class ContinualResult:
         summary = self.summary()
         lines = [f"{self.metric} ({'higher' if self.higher_is_better else 'lower'} is better)"]
         lines += [f"{label:<30} {summary[name]:>10.4f}" for name, label in self._labels().items()]
-        n_tasks = len(self.matrix[0]) if self.matrix else 0
-        header = "after task | " + " ".join(f"{f'T{j}':>8}" for j in range(n_tasks))
+        width = self._width()
+        header = "after task | " + " ".join(f"{f'T{j}':>8}" for j in range(width))
         lines += ["", header, "-" * len(header)]
         if self.initial:
-            lines.append("   initial | " + " ".join(f"{value:8.3f}" for value in self.initial))
-        lines += [f"{i:>10} | " + " ".join(f"{value:8.3f}" for value in row) for i, row in enumerate(self.matrix)]
+            lines.append("   initial | " + " ".join(f"{value:8.3f}" for value in _padded(self.initial, width)))
+        lines += [
+            f"{i:>10} | " + " ".join(f"{value:8.3f}" for value in _padded(row, width))
+            for i, row in enumerate(self.matrix)
+        ]
         return "\n".join(lines)
+
+    def _width(self) -> int:
+        """The number of tasks evaluated: rows of a matrix built from one validation loader per task seen grow."""
+        return max((len(row) for row in self.matrix), default=0)
 
     def to_json(self) -> str:
         """The metric's name and direction, the matrix, the initial values and the summary as a JSON document."""
@@ -162,6 +174,13 @@ class ContinualResult:
 class ContinualEvaluation(ContinualCallback):
     r"""Evaluate every task's test set after each task: the metric matrix, its average, BWT, FWT and forgetting.
 
+    - **The test sets** are a :class:`~lightning_incremental.scenarios.TaskStream`'s (``stream``), or, without
+      one, the fit's own validation dataloaders: the ``j``-th (Lightning's ``dataloader_idx``) is task ``j``'s. A
+      DataModule whose ``val_dataloader`` returns one loader per task seen so far gives row ``t`` the ``t + 1``
+      tasks it knows (the matrix is lower-triangular, FWT undefined); one that returns every task's gives the full
+      matrix. The rows are measured at the task end, after every method's task end (a merge, a closed-form head),
+      on every row of each loader's dataset (``limit_val_batches`` is Lightning's own validation's), and kept in
+      the state: a checkpoint carries the matrix to the next update's process, so it spans jobs.
     Add it last to the callbacks of every task's Trainer (after methods that change the weights at task end).
     It evaluates once before the first task (the baseline for FWT) and once after each fit, on the model's
     device and under the Trainer's precision.
@@ -193,10 +212,10 @@ class ContinualEvaluation(ContinualCallback):
       shared by the tasks' Trainers lie on one non-decreasing step axis.
 
     Args:
-        stream: the stream whose test sets are evaluated.
+        stream: the stream whose test sets are evaluated; ``None``: the fit's validation dataloaders, one per task.
         metric: a torchmetrics ``Metric`` or ``MetricCollection``; defaults to micro accuracy over
-            ``stream.num_classes`` classes. A metric whose ``higher_is_better`` is ``None`` (an aggregate such as
-            ``MeanMetric``) needs a subclass that sets it.
+            ``stream.num_classes`` (or ``num_classes``) classes. A metric whose ``higher_is_better`` is ``None``
+            (an aggregate such as ``MeanMetric``) needs a subclass that sets it.
         primary: the name of the metric of a collection that drives the summary; defaults to the collection's
             first (torchmetrics sorts the names of a collection built from a dict).
         task_incremental: mask the logits to each task's classes (task-incremental evaluation). Defaults to
@@ -212,6 +231,7 @@ class ContinualEvaluation(ContinualCallback):
         evaluate_initial: evaluate before the first task, for forward transfer. Without it, one test batch
             still goes through the model and the metric before the first task, so a metric that does not fit the
             model fails before training.
+        num_classes: the number of classes of the default accuracy without a stream.
 
     Example::
 
@@ -237,7 +257,7 @@ class ContinualEvaluation(ContinualCallback):
 
     def __init__(
         self,
-        stream: TaskStream,
+        stream: TaskStream | None = None,
         metric: Metric | MetricCollection | None = None,
         primary: str | None = None,
         task_incremental: bool | None = None,
@@ -246,23 +266,34 @@ class ContinualEvaluation(ContinualCallback):
         model_interface: ModelInterface | None = None,
         collate_fn: CollateFn | None = None,
         evaluate_initial: bool = True,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(stream, TaskStream):
-            raise TypeError(f"`stream` must be a TaskStream, got {type(stream).__name__}.")
+        if stream is not None and not isinstance(stream, TaskStream):
+            raise TypeError(f"`stream` must be a TaskStream or None (the validation dataloaders), got {stream!r}.")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)):
+            raise TypeError(f"`num_classes` must be an integer or None, got {num_classes!r}.")
+        if stream is None and task_incremental:
+            raise ValueError(
+                "`task_incremental=True` masks the logits to each task's classes, which only a TaskStream knows: "
+                "pass the stream, or `task_incremental=False` for the validation dataloaders."
+            )
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size}.")
         for name, value in (("predict", predict), ("collate_fn", collate_fn)):
             if value is not None and not callable(value):
                 raise TypeError(f"`{name}` must be a callable or None, got {type(value).__name__}.")
         self.stream = stream
-        self.metric = _as_collection(metric, stream)
+        self.num_classes = stream.num_classes if stream is not None else num_classes
+        self.metric = _as_collection(metric, self.num_classes)
         self.measures_default_accuracy = metric is None
         self.higher_is_better = _directions(self.metric)
         if primary is not None and primary not in self.higher_is_better:
             raise ValueError(f"`primary` must name one of the metrics {list(self.higher_is_better)}, got {primary!r}.")
         self.primary = primary if primary is not None else next(iter(self.higher_is_better))
-        self.task_incremental = stream.scenario == "task-incremental" if task_incremental is None else task_incremental
+        if task_incremental is None:
+            task_incremental = stream is not None and stream.scenario == "task-incremental"
+        self.task_incremental = task_incremental
         self.batch_size = batch_size
         self.predict = predict
         self.model_interface = check_interface_argument(model_interface)
@@ -313,6 +344,13 @@ class ContinualEvaluation(ContinualCallback):
 
     @override
     def on_task_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.stream is None and not validation_dataloaders(trainer):
+            raise ValueError(
+                "ContinualEvaluation() without a stream evaluates the fit's validation dataloaders, one per task, and "
+                "this fit has none (no `val_dataloader` or `validation_step`, or `limit_val_batches=0`). Return one "
+                "loader per task seen so far from the DataModule's `val_dataloader`, or pass a TaskStream: "
+                "`ContinualEvaluation(stream)`."
+            )
         if self.initials is not None or self.matrix:
             return
         if self.evaluate_initial:
@@ -339,52 +377,75 @@ class ContinualEvaluation(ContinualCallback):
         values: dict[str, list[float]] = {name: [] for name in self.matrices}
         interface = interface_of(pl_module, self.model_interface)
         with _on_root_device(trainer, pl_module):
-            for task in self.stream:
+            for index, (task, rows) in enumerate(self._test_sets(trainer)):
                 metric = self._fresh_metric(trainer)
-                with own_pass(trainer, pl_module, self._test_rows(trainer, task), autocast=False) as batches:
+                with own_pass(trainer, pl_module, rows, autocast=False) as batches:
                     for batch in batches:
-                        metric.update(*self._predictions_and_targets(trainer, pl_module, interface, batch, task))
+                        metric.update(*self._predictions_and_targets(trainer, pl_module, interface, batch, task, index))
                     computed = metric.compute()
                 for name, row in values.items():
-                    row.append(_scalar(computed, name, task))
+                    row.append(_scalar(computed, name, index))
         return values
 
     def _check_a_batch(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """One test batch through the model and the metric, so a metric that does not fit fails before training."""
-        interface, task = interface_of(pl_module, self.model_interface), self.stream[0]
-        rows = self._test_rows(trainer, task)
+        interface = interface_of(pl_module, self.model_interface)
+        task, rows = self._test_sets(trainer)[0]
         with _on_root_device(trainer, pl_module), own_pass(trainer, pl_module, rows, autocast=False) as batches:
             batch = next(batches, None)
             if batch is not None:
                 metric = self._fresh_metric(trainer)
-                metric.update(*self._predictions_and_targets(trainer, pl_module, interface, batch, task))
+                metric.update(*self._predictions_and_targets(trainer, pl_module, interface, batch, task, 0))
 
     def _fresh_metric(self, trainer: Trainer) -> MetricCollection:
         metric = self.metric.clone().to(trainer.strategy.root_device)
         metric.reset()
         return metric
 
-    def _test_rows(self, trainer: Trainer, task: Task) -> DataLoader:
-        """This rank's share of the task's test set, every row once over the ranks."""
-        return rows_of(task.test, self.batch_size, self.collate_fn, trainer.global_rank, trainer.world_size)
+    def _test_sets(self, trainer: Trainer) -> list[tuple[Task | None, DataLoader]]:
+        """Every task's test rows, this rank's share (every row once over the ranks), with the stream's task."""
+        rank, world_size = trainer.global_rank, trainer.world_size
+        if self.stream is not None:
+            return [
+                (task, rows_of(task.test, self.batch_size, self.collate_fn, rank, world_size)) for task in self.stream
+            ]
+        sets = []
+        for index, loader in enumerate(validation_dataloaders(trainer)):
+            dataset = getattr(loader, "dataset", None)
+            if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+                raise TypeError(
+                    f"ContinualEvaluation evaluates every row of each validation dataloader's dataset, once over the "
+                    f"ranks, but validation dataloader {index} has no map-style dataset (got "
+                    f"{type(dataset).__name__}). Give it a dataset with `__len__` and `__getitem__`, or pass a "
+                    "TaskStream."
+                )
+            collate_fn = self.collate_fn if self.collate_fn is not None else loader.collate_fn
+            sets.append((None, rows_of(dataset, self.batch_size, collate_fn, rank, world_size)))
+        return sets
 
     def _predictions_and_targets(
-        self, trainer: Trainer, pl_module: LightningModule, interface: ModelInterface, batch: Any, task: Task
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        interface: ModelInterface,
+        batch: Any,
+        task: Task | None,
+        index: int,
     ) -> tuple[Tensor, Tensor]:
         """The predictions and targets of a batch already on the model's device, inside the evaluation's pass."""
         targets = interface.targets(batch)
         if self.measures_default_accuracy and targets.is_floating_point():
             raise ValueError(
                 "ContinualEvaluation measures accuracy by default, which needs integer class labels, but the targets "
-                f"of task {task.index} are floating point (a regression stream?). Pass a metric that fits them, e.g. "
+                f"of task {index} are floating point (a regression stream?). Pass a metric that fits them, e.g. "
                 "`ContinualEvaluation(stream, metric=torchmetrics.MeanSquaredError())`."
             )
         predict = self.predict if self.predict is not None else interface.predict
         with trainer.precision_plugin.forward_context():
             predictions = predict(pl_module, batch)
-        if predictions.is_floating_point():
-            predictions = _grown_to(predictions.float(), targets, self.stream.num_classes)
-        if self.task_incremental:
+        if predictions.is_floating_point() and self.num_classes is not None:
+            predictions = _grown_to(predictions.float(), targets, self.num_classes)
+        if task is not None and self.task_incremental:
             predictions = _mask_to_classes(predictions, targets, task)
         return _aligned(predictions, targets), targets
 
@@ -402,6 +463,11 @@ class ContinualEvaluation(ContinualCallback):
             logger.save()
 
 
+def _padded(values: list[float], width: int) -> list[float]:
+    """``values`` with ``nan`` for the tasks not evaluated yet (a row of a lower-triangular matrix)."""
+    return [*values, *[math.nan] * (width - len(values))]
+
+
 @contextmanager
 def _on_root_device(trainer: Trainer, pl_module: LightningModule) -> Iterator[None]:
     """The model on the strategy's device inside the block (a fit may end with it elsewhere), back after."""
@@ -413,15 +479,20 @@ def _on_root_device(trainer: Trainer, pl_module: LightningModule) -> Iterator[No
         pl_module.to(home)
 
 
-def _as_collection(metric: Metric | MetricCollection | None, stream: TaskStream) -> MetricCollection:
+def _as_collection(metric: Metric | MetricCollection | None, num_classes: int | None) -> MetricCollection:
     if metric is None:
-        if stream.num_classes < 2:
+        if num_classes is None:
+            raise ValueError(
+                "ContinualEvaluation without a stream measures accuracy over `num_classes` classes: pass "
+                "`num_classes=...`, or a metric (e.g. `metric=torchmetrics.MeanSquaredError()`)."
+            )
+        if num_classes < 2:
             raise ValueError(
                 "ContinualEvaluation measures accuracy by default, which needs a stream of at least 2 classes, but "
-                f"`stream.num_classes` is {stream.num_classes}. For a regression stream pass a metric that fits it, "
+                f"the number of classes is {num_classes}. For a regression stream pass a metric that fits it, "
                 "e.g. `ContinualEvaluation(stream, metric=torchmetrics.MeanSquaredError())`."
             )
-        accuracy = MulticlassAccuracy(stream.num_classes, average="micro", ignore_index=IGNORE_INDEX)
+        accuracy = MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE_INDEX)
         return MetricCollection({DEFAULT_METRIC: accuracy})
     if isinstance(metric, MetricCollection):
         return metric
@@ -481,12 +552,12 @@ def _aligned(predictions: Tensor, targets: Tensor) -> Tensor:
     return predictions
 
 
-def _scalar(computed: dict[str, Any], name: str, task: Task) -> float:
+def _scalar(computed: dict[str, Any], name: str, index: int) -> float:
     value = computed.get(name)
     if not isinstance(value, Tensor) or value.numel() != 1:
         shape = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else f"a {type(value).__name__}"
         raise ValueError(
-            f"The metric {name!r} gave a value of {shape} on task {task.index}, but the metric matrix needs one "
+            f"The metric {name!r} gave a value of {shape} on task {index}, but the metric matrix needs one "
             "number per task: use a metric that averages to a scalar (e.g. `average='macro'`)."
         )
     return float(value)

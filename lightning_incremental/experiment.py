@@ -120,6 +120,6 @@ def run_method(
         batch_size=batch_size,
         shuffle=shuffle,
         dataloader_kwargs=dataloader_kwargs,
-        keep_optimizer_state=False,  # `spec.callbacks` holds a KeepOptimizerState where the state is carried
+        keep_optimizer_state=None,  # the methods, or the KeepOptimizerState `spec.callbacks` added, decide
     )
     return MethodRun(result, time.perf_counter() - started, network, methods, evaluation)

@@ -1,52 +1,11 @@
 """Carry the optimizer's state (and optionally the LR scheduler's) from one task to the next."""
 
-import copy
-import weakref
 from typing import Any
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
-from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_incremental.core import ContinualCallback, grow_to
-
-
-def grow_param_state(state: dict[str, Any], old_shape: torch.Size, new_shape: torch.Size) -> dict[str, Any]:
-    """One parameter's optimizer state, moved to the parameter's grown shape.
-
-    Tensors shaped like the parameter (Adam's ``exp_avg`` and ``exp_avg_sq``, SGD's ``momentum_buffer``) are
-    zero-padded, the old entries in front; scalars (the step count) and other values are kept as they are.
-    A tensor of any other shape cannot be padded (it would need the optimizer's own layout, e.g. factored
-    second moments): ``ValueError``.
-
-    >>> state = {"step": torch.tensor(3.0), "exp_avg": torch.ones(2, 2)}
-    >>> grown = grow_param_state(state, torch.Size([2, 2]), torch.Size([3, 2]))
-    >>> grown["step"].item(), grown["exp_avg"].tolist()
-    (3.0, [[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
-    """
-    if old_shape == new_shape:
-        return dict(state)
-    grown: dict[str, Any] = {}
-    for key, value in state.items():
-        if isinstance(value, Tensor) and value.ndim > 0:
-            if value.shape != old_shape:
-                raise ValueError(
-                    f"cannot pad the optimizer state {key!r} of shape {tuple(value.shape)} to a parameter grown "
-                    f"from {tuple(old_shape)} to {tuple(new_shape)}"
-                )
-            value = grow_to(value, new_shape)
-        grown[key] = value
-    return grown
-
-
-def is_growth(old_shape: torch.Size, new_shape: torch.Size) -> bool:
-    """Whether ``new_shape`` is ``old_shape`` or a growth of it (same number of dimensions, none smaller).
-
-    >>> is_growth(torch.Size([2, 8]), torch.Size([4, 8])), is_growth(torch.Size([4, 8]), torch.Size([8, 4]))
-    (True, False)
-    """
-    return len(old_shape) == len(new_shape) and all(old <= new for old, new in zip(old_shape, new_shape, strict=True))
+from lightning_incremental.core import CarriedOptimizerState, ContinualCallback
 
 
 class KeepOptimizerState(ContinualCallback):
@@ -82,9 +41,15 @@ class KeepOptimizerState(ContinualCallback):
     itself; under ``ddp_spawn`` / ``ddp_fork`` rank 0's state comes back to the main process. Sharded
     optimizers (FSDP, DeepSpeed ZeRO) are not supported.
 
+    **Without this callback** the methods in the Trainer decide: each carries the state where our benchmarks
+    measured a gain (``keeps_optimizer_state``; :func:`~lightning_incremental.core.optimizer_state_carrier` states how
+    methods with different needs combine). With it, it decides for the Trainer: ``KeepOptimizerState()`` carries the
+    state for any combination, ``KeepOptimizerState(carry=False)`` lets every task start with a fresh optimizer.
+
     Args:
         schedulers: also carry every LR scheduler's state and the learning rates of the optimizers'
             parameter groups (the schedule continues across tasks).
+        carry: ``False`` carries nothing: every task's optimizer starts fresh, whatever the methods recommend.
 
     Attributes:
         optimizers: the carried state, one entry per optimizer: its class, ``"params"`` (parameter name ->
@@ -111,16 +76,26 @@ class KeepOptimizerState(ContinualCallback):
         12.0
     """
 
-    def __init__(self, schedulers: bool = False) -> None:
+    decides_optimizer_state = True
+
+    def __init__(self, schedulers: bool = False, carry: bool = True) -> None:
         super().__init__()
-        if not isinstance(schedulers, bool):
-            raise TypeError(f"`schedulers` must be True or False, got {schedulers!r}.")
+        for name, value in (("schedulers", schedulers), ("carry", carry)):
+            if not isinstance(value, bool):
+                raise TypeError(f"`{name}` must be True or False, got {value!r}.")
         self.schedulers = schedulers
-        # one entry per optimizer: {"type", "params": {name: {"shape", "state"}}, "lrs": [lr of every group]}
-        self.optimizers: list[dict[str, Any]] = []
-        # one entry per LR scheduler: {"type", "state"}; None when schedulers were not carried
-        self.lr_schedulers: list[dict[str, Any]] | None = None
-        self._identities: list[dict[str, weakref.ref]] = []  # per optimizer: name -> the parameter it was
+        self.carry = carry
+        self.carried = CarriedOptimizerState(schedulers)
+
+    @property
+    def optimizers(self) -> list[dict[str, Any]]:
+        """The carried state, one entry per optimizer (:class:`~lightning_incremental.core.CarriedOptimizerState`)."""
+        return self.carried.optimizers
+
+    @property
+    def lr_schedulers(self) -> list[dict[str, Any]] | None:
+        """With ``schedulers=True``, every LR scheduler's class and state at the last task end."""
+        return self.carried.lr_schedulers
 
     def reset(self, *names: str) -> None:
         """Drop the carried state of the parameters ``names`` (all of it, schedulers too, when none are given).
@@ -128,198 +103,23 @@ class KeepOptimizerState(ContinualCallback):
         They start fresh in the next task, as a new parameter does. Call it between two fits, e.g. when a
         parameter was replaced by one of another shape on purpose, or to switch optimizer classes.
         """
-        if not names:
-            self.optimizers, self.lr_schedulers, self._identities = [], None, []
-            return
-        carried = {name for entry in self.optimizers for name in entry["params"]}
-        unknown = sorted(set(names) - carried)
-        if unknown:
-            raise ValueError(f"No carried optimizer state for {unknown}; it is carried for {sorted(carried)}.")
-        for entry, identities in zip(self.optimizers, self._identities, strict=True):
-            for name in names:
-                entry["params"].pop(name, None)
-                identities.pop(name, None)
+        self.carried.reset(*names)
 
-    # ------------------------------------------------------------------ task boundaries
     @override
     def on_task_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._carry_into(trainer, pl_module)
+        if self.carry:
+            self.carried.carry_into(trainer, pl_module)
 
     @override
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        names = _parameter_names(trainer, pl_module)
-        optimizers, identities = [], []
-        for position, optimizer in enumerate(trainer.optimizers):
-            kept = self.optimizers[position] if position < len(self.optimizers) else None
-            same_class = kept is not None and kept["type"] == _type_name(optimizer)
-            params = dict(kept["params"]) if same_class else {}  # parameters this optimizer did not train
-            refs = dict(self._identities[position]) if same_class else {}
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    state = optimizer.state.get(p)
-                    if state:
-                        # a copy: the next task's optimizer trains it in place, the old Trainer's stays as it ended
-                        params[names[id(p)]] = {"shape": list(p.shape), "state": copy.deepcopy(dict(state))}
-                        refs[names[id(p)]] = weakref.ref(p)
-            lrs = [group["lr"] for group in optimizer.param_groups]
-            optimizers.append({"type": _type_name(optimizer), "params": params, "lrs": lrs})
-            identities.append(refs)
-        self.optimizers, self._identities = optimizers, identities
-        if self.schedulers:
-            self.lr_schedulers = [
-                {"type": _type_name(config.scheduler), "state": config.scheduler.state_dict()}
-                for config in trainer.lr_scheduler_configs
-            ]
+        if self.carry:
+            self.carried.capture(trainer, pl_module)
 
-    # ------------------------------------------------------------------ state
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "optimizers": self.optimizers, "lr_schedulers": self.lr_schedulers}
+        return {**super().state_dict(), **self.carried.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.optimizers = [
-            {"type": entry["type"], "params": dict(entry["params"]), "lrs": list(entry["lrs"])}
-            for entry in state_dict["optimizers"]
-        ]
-        self.lr_schedulers = state_dict["lr_schedulers"]
-        self._identities = [{} for _ in self.optimizers]  # identities do not survive a process: names match
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled for a spawned worker: without the weak references to parameters (names match there)."""
-        return {**self.__dict__, "_identities": [{} for _ in self._identities]}
-
-    # ------------------------------------------------------------------ helpers
-    def _carry_into(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Load the carried state into this task's optimizers (and LR schedulers), after checking they fit it."""
-        names = _parameter_names(trainer, pl_module)
-        if not self.optimizers:
-            return
-        optimizers = trainer.optimizers
-        if len(optimizers) != len(self.optimizers):
-            raise ValueError(
-                f"KeepOptimizerState carries the state of {len(self.optimizers)} optimizer(s) from the last task, "
-                f"but configure_optimizers returned {len(optimizers)} now. Optimizers are matched by position: "
-                "return the same optimizers in the same order in every task, or call `reset()` on the callback "
-                "before this fit to start them fresh."
-            )
-        for position, (optimizer, carried) in enumerate(zip(optimizers, self.optimizers, strict=True)):
-            if _type_name(optimizer) != carried["type"]:
-                raise ValueError(
-                    f"Optimizer {position} is {_type_name(optimizer)} in this task but was {carried['type']} at the "
-                    "end of the last one; their states do not carry over. Configure the same optimizer class in "
-                    "every task, or call `reset()` on KeepOptimizerState before this fit to start it fresh."
-                )
-        restored = [
-            self._restored_state(optimizer, carried, identities, names)
-            for optimizer, carried, identities in zip(optimizers, self.optimizers, self._identities, strict=True)
-        ]
-        if self.schedulers and self.lr_schedulers is not None:
-            self._check_schedulers(trainer)
-        for optimizer, (state, taken), carried, identities in zip(
-            optimizers, restored, self.optimizers, self._identities, strict=True
-        ):
-            optimizer.load_state_dict(state)
-            for name in taken:  # the optimizer owns this state now; it comes back at the task's end
-                carried["params"].pop(name)
-                identities.pop(name, None)
-        if self.schedulers and self.lr_schedulers is not None:
-            self._restore_schedulers(trainer)
-
-    def _restored_state(
-        self,
-        optimizer: torch.optim.Optimizer,
-        carried: dict[str, Any],
-        identities: dict[str, weakref.ref],
-        names: dict[int, str],
-    ) -> tuple[dict[str, Any], list[str]]:
-        """The new optimizer's ``state_dict`` with the carried state of every parameter it matches.
-
-        Returns it with the names whose state it holds. Parameters without a gradient keep their carried state.
-        """
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        kept = carried["params"]
-        alive = {name: ref() for name, ref in identities.items() if name in kept}
-        by_identity = {id(p): name for name, p in alive.items() if p is not None}
-        matched = {index: by_identity[id(p)] for index, p in enumerate(params) if id(p) in by_identity}
-        taken = set(matched.values())
-        for index, p in enumerate(params):
-            name = names[id(p)]
-            if index not in matched and name in kept and name not in taken:
-                matched[index] = name
-                taken.add(name)
-        state_dict = optimizer.state_dict()
-        state = dict(state_dict["state"])
-        handed = []
-        for index, name in sorted(matched.items()):
-            p = params[index]
-            if not p.requires_grad:
-                continue
-            old_shape = torch.Size(kept[name]["shape"])
-            if not is_growth(old_shape, p.shape):
-                renamed = f" (named {name!r} in the last task)" if names[id(p)] != name else ""
-                raise ValueError(
-                    f"Parameter {names[id(p)]!r}{renamed} had shape {tuple(old_shape)} at the end of the last task and "
-                    f"has {tuple(p.shape)} now: KeepOptimizerState carries state only to the same or a grown shape. "
-                    f"If it was replaced on purpose, call `reset({name!r})` on the callback before this fit to start "
-                    "it fresh."
-                )
-            try:
-                state[index] = grow_param_state(kept[name]["state"], old_shape, p.shape)
-            except ValueError as error:
-                raise ValueError(
-                    f"Parameter {name!r} grew, but its optimizer state cannot follow: {error}. Call "
-                    f"`reset({name!r})` on KeepOptimizerState before this fit to start it fresh."
-                ) from error
-            handed.append(name)
-        return {**state_dict, "state": state}, handed
-
-    def _check_schedulers(self, trainer: Trainer) -> None:
-        configs = trainer.lr_scheduler_configs
-        carried = self.lr_schedulers or []
-        if len(configs) != len(carried):
-            raise ValueError(
-                f"KeepOptimizerState(schedulers=True) carries {len(carried)} LR scheduler(s) from the last task, but "
-                f"configure_optimizers returned {len(configs)} now. Return the same schedulers in every task, or "
-                "use `KeepOptimizerState(schedulers=False)` to let every task's scheduler start over."
-            )
-        for position, (config, entry) in enumerate(zip(configs, carried, strict=True)):
-            if _type_name(config.scheduler) != entry["type"]:
-                raise ValueError(
-                    f"LR scheduler {position} is {_type_name(config.scheduler)} in this task but was {entry['type']}; "
-                    "configure the same scheduler in every task, or use `KeepOptimizerState(schedulers=False)`."
-                )
-        for position, (optimizer, entry) in enumerate(zip(trainer.optimizers, self.optimizers, strict=True)):
-            if len(optimizer.param_groups) != len(entry["lrs"]):
-                raise ValueError(
-                    f"Optimizer {position} has {len(optimizer.param_groups)} parameter group(s) but had "
-                    f"{len(entry['lrs'])}: the learning rates a schedule reached cannot be matched to them. Keep the "
-                    "same parameter groups, or use `KeepOptimizerState(schedulers=False)`."
-                )
-
-    def _restore_schedulers(self, trainer: Trainer) -> None:
-        for config, entry in zip(trainer.lr_scheduler_configs, self.lr_schedulers or [], strict=True):
-            config.scheduler.load_state_dict(entry["state"])
-        for optimizer, entry in zip(trainer.optimizers, self.optimizers, strict=True):
-            for group, lr in zip(optimizer.param_groups, entry["lrs"], strict=True):
-                group["lr"] = lr
-
-
-def _type_name(obj: object) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
-
-
-def _parameter_names(trainer: Trainer, pl_module: nn.Module) -> dict[int, str]:
-    """``id(parameter) -> name`` for the LightningModule; every parameter of an optimizer must have one."""
-    names = {id(p): name for name, p in pl_module.named_parameters()}
-    for position, optimizer in enumerate(trainer.optimizers):
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if id(p) not in names:
-                    raise ValueError(
-                        f"Optimizer {position} holds a parameter of shape {tuple(p.shape)} that is not a parameter of "
-                        f"{type(pl_module).__name__}; KeepOptimizerState keys the state by parameter name. Register "
-                        "it on the LightningModule (an `nn.Parameter` attribute or one of a submodule)."
-                    )
-    return names
+        self.carried.load_state_dict(state_dict)

@@ -23,17 +23,16 @@ def fit_tasks(
     batch_size: int = 32,
     shuffle: bool = True,
     dataloader_kwargs: dict[str, Any] | None = None,
-    keep_optimizer_state: bool = True,
+    keep_optimizer_state: bool | None = None,
 ) -> ContinualResult:
     """Train ``model`` on every task of ``stream`` in turn, one new Trainer per task; return the evaluation.
 
     The same callback instances go to every Trainer, so the methods carry their state from task to task.
     A :class:`~lightning_incremental.ContinualEvaluation` among ``callbacks`` is used (and moved last);
-    otherwise one is added. ``trainer_kwargs`` go to every Trainer (default ``max_epochs=10``). With
-    ``keep_optimizer_state`` (the default) the optimizer's state carries from task to task, as one long fit
-    would have it: a :class:`~lightning_incremental.KeepOptimizerState` is added unless ``callbacks`` hold one.
-    It helps most methods and hurts A-GEM and some merges on class-incremental streams (RESULTS.md, "The
-    optimizer's state across tasks"): pass ``False`` for those.
+    otherwise one is added. ``trainer_kwargs`` go to every Trainer (default ``max_epochs=10``).
+    ``keep_optimizer_state``: ``None`` (the default) lets the methods carry the optimizer's state from task to task
+    where it helps them, as in a user's own Trainer (see :class:`~lightning_incremental.KeepOptimizerState`);
+    ``True`` / ``False`` adds a ``KeepOptimizerState(carry=...)`` that decides, unless ``callbacks`` hold one.
 
     Example::
 
@@ -54,8 +53,8 @@ def fit_tasks(
     evaluations = [cb for cb in callbacks if isinstance(cb, ContinualEvaluation)]
     evaluation = evaluations[0] if evaluations else ContinualEvaluation(stream)
     methods = [cb for cb in callbacks if cb is not evaluation]
-    if keep_optimizer_state and not any(isinstance(cb, KeepOptimizerState) for cb in methods):
-        methods.append(KeepOptimizerState())
+    if keep_optimizer_state is not None and not any(isinstance(cb, KeepOptimizerState) for cb in methods):
+        methods.append(KeepOptimizerState(carry=keep_optimizer_state))
     for task in stream:
         trainer = Trainer(callbacks=[*methods, *extra_callbacks, evaluation], **trainer_kwargs)
         loader = task.train_dataloader(batch_size=batch_size, shuffle=shuffle, **(dataloader_kwargs or {}))

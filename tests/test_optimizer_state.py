@@ -14,8 +14,9 @@ from torch.nn import functional as F
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 
 from lightning_incremental import MLPClassifier, fit_tasks, load_task_checkpoint
+from lightning_incremental.core import grow_param_state
 from lightning_incremental.heads import GrowHeads
-from lightning_incremental.optimizer_state import KeepOptimizerState, grow_param_state
+from lightning_incremental.optimizer_state import KeepOptimizerState
 from lightning_incremental.scenarios import synthetic_stream
 
 STEPS = 4  # optimizer steps per task: 32 rows, batch 8

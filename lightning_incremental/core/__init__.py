@@ -5,8 +5,9 @@ from lightning_incremental.core._lightning import (
     logging_step,
     should_update_logs,
     spawned_launcher,
+    validation_dataloaders,
 )
-from lightning_incremental.core.base import ContinualCallback, FisherSource, task_of
+from lightning_incremental.core.base import PROGRESS_KEY, ContinualCallback, FisherSource, task_of
 from lightning_incremental.core.batch import (
     batch_leaves,
     batch_size_of,
@@ -17,6 +18,7 @@ from lightning_incremental.core.batch import (
     task_labels_of,
     with_leaves,
 )
+from lightning_incremental.core.checkpoint import TaskCheckpoint
 from lightning_incremental.core.classifier import (
     FeatureCapture,
     check_submodule_argument,
@@ -29,6 +31,12 @@ from lightning_incremental.core.distributed import all_reduce_sum, rank_and_worl
 from lightning_incremental.core.freezing import FrozenPart, batchnorms_without_training
 from lightning_incremental.core.interface import ModelInterface, check_interface_argument, interface_of
 from lightning_incremental.core.modules import OldModel, frozen_copy
+from lightning_incremental.core.optimizer_state import (
+    CarriedOptimizerState,
+    grow_param_state,
+    is_growth,
+    optimizer_state_carrier,
+)
 from lightning_incremental.core.passes import eval_mode, own_pass, private_pass, rows_of, task_rows
 from lightning_incremental.core.state import assign_state_keys
 from lightning_incremental.core.step_chain import Step, StepChain, add_to_loss
@@ -37,6 +45,8 @@ from lightning_incremental.core.tensors import grow_to
 
 __all__ = [
     "IGNORE_INDEX",
+    "PROGRESS_KEY",
+    "CarriedOptimizerState",
     "ContinualCallback",
     "FeatureCapture",
     "FisherSource",
@@ -45,6 +55,7 @@ __all__ = [
     "OldModel",
     "Step",
     "StepChain",
+    "TaskCheckpoint",
     "add_to_loss",
     "all_reduce_sum",
     "are_class_labels",
@@ -60,12 +71,15 @@ __all__ = [
     "distillation_loss",
     "eval_mode",
     "frozen_copy",
+    "grow_param_state",
     "grow_to",
     "head_by_name",
     "index_batch",
     "interface_of",
+    "is_growth",
     "logging_step",
     "logits_producers",
+    "optimizer_state_carrier",
     "own_pass",
     "private_pass",
     "rank_and_world_size",
@@ -78,5 +92,6 @@ __all__ = [
     "task_labels_of",
     "task_of",
     "task_rows",
+    "validation_dataloaders",
     "with_leaves",
 ]

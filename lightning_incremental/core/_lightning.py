@@ -62,3 +62,40 @@ def logging_step(trainer: Trainer) -> int:
 def continue_logging_step(trainer: Trainer, step: int) -> None:
     """Make the Trainer log from ``step`` on; Lightning uses ``_batches_that_stepped`` for the step of its logs only."""
     trainer.fit_loop.epoch_loop._batches_that_stepped = step
+
+
+def checkpoint_trains_nothing(trainer: Trainer, checkpoint: dict[str, Any]) -> bool:
+    """Whether resuming ``checkpoint`` with this Trainer's ``max_epochs`` / ``max_steps`` would train nothing: the
+    test of ``fit_loop.done`` on the checkpoint's ``loops["fit_loop"]["epoch_progress"]["current"]["processed"]``
+    (increased before ``on_train_epoch_end``, where epoch checkpoints are saved) and its ``global_step``."""
+    loop = trainer.fit_loop
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    processed, global_step = int(progress.get("processed", 0)), int(checkpoint.get("global_step", 0))
+    max_epochs, max_steps = loop.max_epochs, loop.max_steps
+    epochs_reached = max_epochs is not None and max_epochs != -1 and processed >= max_epochs
+    steps_reached = max_steps != -1 and global_step >= max_steps
+    return epochs_reached or steps_reached
+
+
+def start_fresh_fit_from(checkpoint: dict[str, Any]) -> None:
+    """Make Lightning restore only the weights and the callbacks' states from ``checkpoint``, the dict being loaded:
+    drop the loops' progress and set no optimizer or LR scheduler state to restore, so the fit starts at epoch 0 with
+    the optimizers ``configure_optimizers`` built. ``Callback.on_load_checkpoint`` receives the very dict
+    ``restore_training_state`` reads afterwards (``_CheckpointConnector._loaded_checkpoint``), whose
+    ``restore_loops`` skips a missing ``"loops"`` and whose optimizer and scheduler restores zip over these lists."""
+    checkpoint.pop("loops", None)
+    checkpoint["optimizer_states"] = []
+    checkpoint["lr_schedulers"] = []
+
+
+def validation_dataloaders(trainer: Trainer) -> list[Any]:
+    """The fit's validation dataloaders as Lightning prepared them (a distributed sampler under DDP), loading them
+    if no validation ran yet: ``fit_loop.epoch_loop.val_loop.setup_data()``, what the sanity check calls first.
+    Empty when the fit has none (no ``val_dataloader`` or ``validation_step``, or ``limit_val_batches=0``)."""
+    trainer.fit_loop.epoch_loop.val_loop.setup_data()
+    loaders = trainer.val_dataloaders
+    if loaders is None:
+        return []
+    if isinstance(loaders, dict):
+        return list(loaders.values())
+    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]

@@ -31,8 +31,12 @@ from typing_extensions import override
 
 from lightning_incremental.core import _lightning
 from lightning_incremental.core.interface import ModelInterface
+from lightning_incremental.core.optimizer_state import CarriedOptimizerState, optimizer_state_carrier
 from lightning_incremental.core.state import assign_state_keys, carry_state_to_main_process, register_instance
 from lightning_incremental.core.step_chain import Step, StepChain
+from lightning_incremental.scenarios.stream import TaskDataset
+
+PROGRESS_KEY = "lightning_incremental"  # the checkpoint's record of the tasks: completed, one under way
 
 
 class ContinualCallback(Callback):
@@ -107,6 +111,7 @@ class ContinualCallback(Callback):
     reads_step_outputs = False
     adds_loss_terms = False
     reads_trained_weights = False
+    keeps_optimizer_state: bool | None = None
 
     def __init__(self) -> None:
         self.tasks_completed = 0
@@ -117,6 +122,8 @@ class ContinualCallback(Callback):
         self.key_suffix: str | None = None
         self.instance_id = uuid.uuid4().hex
         self._task_in_progress = False
+        self._carried: CarriedOptimizerState | None = None  # the optimizer's state, when this method carries it
+        self._carries_optimizer_state = False
         register_instance(self)
 
     # ------------------------------------------------------------------ what a method overrides
@@ -168,6 +175,7 @@ class ContinualCallback(Callback):
             "tasks_completed": self.tasks_completed,
             "current_task": self.current_task,
             "task_in_progress": self._task_in_progress,
+            "optimizer_state": None if self._carried is None else self._carried.state_dict(),
         }
 
     @override
@@ -175,6 +183,53 @@ class ContinualCallback(Callback):
         self.tasks_completed = int(state_dict["tasks_completed"])
         self.current_task = int(state_dict["current_task"])
         self._task_in_progress = bool(state_dict["task_in_progress"])
+        if state_dict["optimizer_state"] is not None:
+            self._carried = CarriedOptimizerState()
+            self._carried.load_state_dict(state_dict["optimizer_state"])
+
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[PROGRESS_KEY] = {"tasks_completed": self.tasks_completed, "task_in_progress": self._task_in_progress}
+
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Decide what a fit from ``ckpt_path`` trains, before Lightning restores the loops and the optimizers.
+
+        - A checkpoint saved in the middle of a task (``task_in_progress``) resumes it, with the same methods. One
+          saved at the end of the task's last epoch, before its task end (``ModelCheckpoint``'s ``last.ckpt``),
+          would train nothing and lose the task end: refused, naming :class:`~lightning_incremental.TaskCheckpoint`.
+        - A checkpoint of a finished task (:class:`~lightning_incremental.TaskCheckpoint`'s ``last.ckpt``) starts
+          the next task: the weights and every callback's state are restored; the loops start at epoch 0 and the
+          optimizers as ``configure_optimizers`` built them (the carried optimizer state is in the methods' state).
+          A method the checkpoint has no state of joins at this task.
+        - A checkpoint of a fit without any method starts the first task from its weights when that fit had
+          finished, and is refused in the middle of one.
+        """
+        progress = checkpoint.get(PROGRESS_KEY)
+        own_state = checkpoint.get("callbacks", {}).get(self.state_key)
+        trains_nothing = _lightning.checkpoint_trains_nothing(trainer, checkpoint)
+        if (progress is None and trains_nothing) or (progress is not None and not progress["task_in_progress"]):
+            _lightning.start_fresh_fit_from(checkpoint)
+            if own_state is None and progress is not None:  # joins the updates at this task
+                self.tasks_completed = self.current_task = int(progress["tasks_completed"])
+            return
+        task = "a task" if progress is None else f"task {progress['tasks_completed']}"
+        if own_state is None:
+            raise RuntimeError(
+                f"`ckpt_path` resumes {task} in its middle, in a fit that had no {type(self).__name__} "
+                f"({self.state_key!r} is not among the checkpoint's callbacks "
+                f"{sorted(checkpoint.get('callbacks', {}))}). "
+                "Resume with the callbacks of the fit that saved it, and add the method when the next task starts."
+            )
+        if trains_nothing:
+            raise RuntimeError(
+                f"`ckpt_path` holds the end of the last epoch of {task}, saved before its task end (ModelCheckpoint "
+                "saves at epoch ends): what the methods do at the task end (EWC's Fisher, the rows replay stores, "
+                "LwF's old model, a merge, the evaluation's row) is not in it, and the fit would train nothing. Start "
+                "the next task from a checkpoint that holds the task end: add `lightning_incremental.TaskCheckpoint("
+                "dirpath=...)` to the callbacks (in place of ModelCheckpoint) and pass its `<dirpath>/last.ckpt`; the "
+                "update that saved this checkpoint must run again with it."
+            )
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
@@ -182,6 +237,9 @@ class ContinualCallback(Callback):
         assign_state_keys(trainer.callbacks)
         if stage != "fit":
             return
+        self._carries_optimizer_state = optimizer_state_carrier(trainer.callbacks) is self
+        if self._carries_optimizer_state and self._carried is None:
+            self._carried = CarriedOptimizerState()
         if self.adds_loss_terms and not pl_module.automatic_optimization:
             raise RuntimeError(
                 f"{type(self).__name__} adds a term to the loss training_step returns, which manual optimization "
@@ -207,9 +265,7 @@ class ContinualCallback(Callback):
                 f"This fit would train nothing: the Trainer is at max_epochs={trainer.max_epochs} (or "
                 f"max_steps={trainer.max_steps}) already, so {type(self).__name__} would see a task that never trains "
                 "and never ends. Give every task at least one epoch, and build a new Trainer for every task (or raise "
-                "`trainer.fit_loop.max_epochs` before each fit on a reused one); to "
-                "start the next task from a checkpoint saved at the end of one, use "
-                "`lightning_incremental.load_task_checkpoint` instead of `ckpt_path=`."
+                "`trainer.fit_loop.max_epochs` before each fit on a reused one)."
             )
         self.task = task_of(trainer)
         self.place_state(trainer, pl_module)
@@ -219,6 +275,8 @@ class ContinualCallback(Callback):
         self._task_in_progress = True
         try:
             self.on_task_start(trainer, pl_module)
+            if self._carries_optimizer_state and self._carried is not None:
+                self._carried.carry_into(trainer, pl_module)
         except BaseException:
             self._task_in_progress = False  # refused: the fit after the fix starts this task, it resumes nothing
             raise
@@ -226,6 +284,8 @@ class ContinualCallback(Callback):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.on_task_end(trainer, pl_module)
+        if self._carries_optimizer_state and self._carried is not None:
+            self._carried.capture(trainer, pl_module)
         self.tasks_completed += 1
         self._task_in_progress = False
 
@@ -248,12 +308,14 @@ class ContinualCallback(Callback):
 
 
 def task_of(trainer: Trainer) -> Any:
-    """The :class:`~lightning_incremental.scenarios.Task` behind this fit's data, if a stream built it."""
-    datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is not None and hasattr(datamodule, "task"):
-        return datamodule.task
-    loader = _lightning.train_dataloader_source(trainer)
-    return getattr(getattr(loader, "dataset", None), "task", None)
+    """The :class:`~lightning_incremental.scenarios.Task` behind this fit's data, when the dataloader passed to
+    ``trainer.fit`` is one a :class:`~lightning_incremental.scenarios.Task` built (``task.train_dataloader()``).
+
+    Only the library's own dataset type is read: every attribute of a user's DataModule or dataset (``task``,
+    ``task_id``, ``stream``, …) is the user's, and a fit of the user's own data counts as the next task.
+    """
+    dataset = getattr(_lightning.train_dataloader_source(trainer), "dataset", None)
+    return dataset.task if isinstance(dataset, TaskDataset) else None
 
 
 @runtime_checkable

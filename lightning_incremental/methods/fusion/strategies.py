@@ -56,6 +56,9 @@ class MergeStrategy:
 
     mode: ClassVar[str]
     state_fields: ClassVar[tuple[str, ...]] = ()
+    # whether the optimizer's state carried across tasks helps this mode (``None``: not measured); measured:
+    # RESULTS.md "The optimizer's state across tasks"
+    keeps_optimizer_state: ClassVar[bool | None] = None
 
     def __init__(self, settings: MergeSettings) -> None:
         self.settings = settings
@@ -90,6 +93,8 @@ class MergeStrategy:
 
 class Interpolate(MergeStrategy):
     """``theta = lerp(theta_old, theta_new, alpha)``, ``theta_old`` the weights at the task start."""
+
+    keeps_optimizer_state = False
 
     mode = "interpolate"
     state_fields = ("start_weights",)
@@ -178,12 +183,16 @@ class TaskVectorMerge(MergeStrategy):
 class TaskArithmetic(TaskVectorMerge):
     """``m = sum_t tau_t``."""
 
+    keeps_optimizer_state = True
+
     mode = "task_arithmetic"
     functions = (sum_update, sum_merge)
 
 
 class Dare(TaskVectorMerge):
     """The sum of the task vectors after drop-and-rescale, with draws from a seeded generator (in the state)."""
+
+    keeps_optimizer_state = True
 
     mode = "dare"
     functions = (sum_update, sum_merge)
@@ -227,6 +236,8 @@ class MagMax(TaskVectorMerge):
 class FisherMerge(TaskVectorMerge):
     """``m = sum_t F_t tau_t / sum_t F_t``, ``F_t`` the task's Fisher from the Trainer's one
     :class:`~lightning_incremental.core.FisherSource`, floored at ``fisher_floor``."""
+
+    keeps_optimizer_state = False
 
     mode = "fisher"
     _FIX = (

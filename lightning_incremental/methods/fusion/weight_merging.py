@@ -179,6 +179,7 @@ class WeightMerging(ContinualCallback):
         self.seed, self.fisher_floor = seed, float(fisher_floor)
         settings = MergeSettings(self.alpha, self.scale, self.top_k, self.drop_prob, self.seed, self.fisher_floor)
         self.strategy: MergeStrategy = STRATEGIES[mode](settings)
+        self.keeps_optimizer_state = self.strategy.keeps_optimizer_state
 
     # ------------------------------------------------------------------ the active mode's state
     @property

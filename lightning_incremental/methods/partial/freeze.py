@@ -84,6 +84,8 @@ class FreezeLayers(PartialTraining):
         1 True
     """
 
+    keeps_optimizer_state = True  # measured: RESULTS.md "The optimizer's state across tasks"
+
     def __init__(
         self,
         train: Pattern | Sequence[Pattern] | None = None,

@@ -22,6 +22,7 @@ from lightning_incremental.buffers import (
 from lightning_incremental.core import (
     ContinualCallback,
     ModelInterface,
+    TaskCheckpoint,
     are_class_labels,
     batch_leaves,
     batch_size_of,
@@ -68,8 +69,11 @@ class ReplayMethod(ContinualCallback):
     extras the final model gives (:meth:`extras_at_task_end`), in eval mode, without gradients, and without
     touching the random streams the user's shuffling and dropout draw from. A first fit that replayed nothing
     with ``fill="task_end"`` (a single task-free fit trains exactly as without replay) warns and names
-    ``fill="stream"``, unless its data come from a :class:`~lightning_incremental.scenarios.TaskStream`.
+    ``fill="stream"``, unless its data come from a :class:`~lightning_incremental.scenarios.TaskStream` or the
+    Trainer has a :class:`~lightning_incremental.TaskCheckpoint` (every fit is an update: the next one replays).
     """
+
+    keeps_optimizer_state = True  # measured: RESULTS.md "The optimizer's state across tasks"
 
     def __init__(
         self,
@@ -123,12 +127,14 @@ class ReplayMethod(ContinualCallback):
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.fill != "task_end":
             return
-        if not self._replayed and self.tasks_completed == 0 and self.task is None:
+        updates = any(isinstance(callback, TaskCheckpoint) for callback in trainer.callbacks)
+        if not self._replayed and self.tasks_completed == 0 and self.task is None and not updates:
             rank_zero_warn(
                 f"{type(self).__name__} replayed nothing in this fit: with `fill='task_end'` it stores a task's rows "
                 "when its fit ends and replays them in the fits that follow, so this fit trained exactly as without "
                 f"it. For one task-free fit over a drifting stream, pass `{type(self).__name__}(fill='stream')` (with "
-                "`policy='reservoir'` for a plain reservoir). Fits of a TaskStream's data are tasks and never warn."
+                "`policy='reservoir'` for a plain reservoir). Fits of a TaskStream's data, and fits with a "
+                "TaskCheckpoint (one update per fit), are tasks and never warn."
             )
         # the final model's view of the task: BatchNorm statistics and dropout frozen, the user's RNG untouched
         with own_pass(trainer, pl_module, task_rows(trainer)) as batches:

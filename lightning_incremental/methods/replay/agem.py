@@ -74,6 +74,8 @@ class AGEM(ReplayMethod):
         (50, True)
     """
 
+    keeps_optimizer_state = False  # measured: RESULTS.md "The optimizer's state across tasks"
+
     def __init__(
         self,
         buffer_size: int = 200,
