@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lightning_incremental.core import ContinualCallback, assign_state_keys
+from lightning_incremental.core import PROGRESS_KEY, ContinualCallback, assign_state_keys
 from lightning_incremental.evaluation import ContinualEvaluation, ContinualResult
 from lightning_incremental.optimizer_state import KeepOptimizerState
 from lightning_incremental.scenarios.stream import TaskStream
@@ -65,9 +65,10 @@ def fit_tasks(
 def load_task_checkpoint(checkpoint_path: str | Path, model: LightningModule, callbacks: Sequence[Callback]) -> None:
     """Load the model weights and every callback's state from a checkpoint saved between two tasks.
 
-    ``trainer.fit(..., ckpt_path=...)`` resumes a task: it also restores the loop's epoch counter, so a
-    checkpoint saved at the end of a task would train nothing. To start the next task from it in a new
-    process, build the same model and callback list, call this, then fit the next task as usual.
+    ``trainer.fit(..., ckpt_path=...)`` of such a checkpoint starts the next task by itself (a
+    :class:`~lightning_incremental.TaskCheckpoint` writes it; see ``docs/architecture.md``, *Updates as jobs*).
+    This is the same from Python, before any Trainer: build the same model and callback list, call this, then
+    evaluate the model or fit the next task as usual.
 
     Example::
 
@@ -87,6 +88,14 @@ def load_task_checkpoint(checkpoint_path: str | Path, model: LightningModule, ca
         (True, 1)
     """
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    progress = checkpoint.get(PROGRESS_KEY)
+    if progress is not None and progress["task_in_progress"]:
+        raise ValueError(
+            f"{checkpoint_path} was saved during task {progress['tasks_completed']}, before its task end "
+            "(ModelCheckpoint saves at epoch ends), so it is no checkpoint between two tasks. Resume that task with "
+            "`trainer.fit(..., ckpt_path=...)`, or start the next one from a checkpoint that holds the task end "
+            "(`lightning_incremental.TaskCheckpoint`'s last.ckpt)."
+        )
     callbacks = list(callbacks)
     for callback in callbacks:
         if isinstance(callback, ContinualCallback):

@@ -7,14 +7,18 @@ state carried across tasks where its catalog entry carries it (``MethodSpec.call
 - see tuple, list and dict batches as the same data (the same final weights for all three);
 - resume from a checkpoint saved mid-way through the second task, in a new Trainer with new callback
   instances, and end with the weights and the accuracy matrix of the run that was never interrupted;
-- the same from a checkpoint saved between the second and third task (``load_task_checkpoint``).
+- the same from a checkpoint saved between the second and third task (``load_task_checkpoint``);
+- run on a user's own DataModule and datasets whose attributes ``task``, ``task_id``, ``stream`` and ``tasks`` are the
+  user's: never read, never changed, each fit counted as the next task.
 
 A method joins by adding its ``MethodSpec`` to the catalog: nothing here names a method.
 """
 
+import copy
 import io
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from harness import (
@@ -30,6 +34,7 @@ from harness import (
 )
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_incremental import ContinualEvaluation, load_task_checkpoint
 from lightning_incremental.catalog import registry
@@ -156,3 +161,41 @@ def test_resume_between_tasks_matches_the_uninterrupted_run(spec, split_stream, 
 
     assert_same_weights(weights(uninterrupted.model), weights(model))
     assert evaluation.matrix == uninterrupted.result.matrix
+
+
+USER_NAMES = ("task", "task_id", "stream", "tasks")
+
+
+class _UserData(L.LightningDataModule):
+    """A user's DataModule over a plain ``TensorDataset``: both keep names of their own that the library must not read
+    (ints where the library once expected a task) nor change."""
+
+    def __init__(self, rows: TensorDataset, number: int) -> None:
+        super().__init__()
+        self.task, self.task_id, self.stream, self.tasks = 7 + number, 40 + number, "the user's stream", [5, 3]
+        self.rows = rows
+        rows.task, rows.task_id, rows.stream, rows.tasks = 3 - number, 9, ["not", "a", "stream"], [2, 2]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.rows, batch_size=8, shuffle=False)
+
+
+def test_a_user_datamodule_with_names_of_its_own_runs_as_tasks(spec, split_stream):
+    model, methods = tiny_model(split_stream), spec.callbacks()
+    for number, task in enumerate(list(stream_for(spec, split_stream))[:2]):
+        rows = TensorDataset(*(torch.stack(column) for column in zip(*task.train, strict=True)))
+        data = _UserData(rows, number)
+        kept = [(o, n, getattr(o, n), copy.deepcopy(getattr(o, n))) for o in (data, rows) for n in USER_NAMES]
+        trainer(2, methods).fit(model, datamodule=data)
+        for owner, name, value, copied in kept:
+            assert getattr(owner, name) is value and value == copied, (
+                f"the user's {type(owner).__name__}.{name} changed"
+            )
+
+    # each fit of the user's data is the next task: two tasks done, the second (index 1) the current one
+    assert [(method.tasks_completed, method.current_task) for method in methods] == [(2, 1)] * len(methods)
+    inputs, targets = (torch.stack(column) for column in zip(*split_stream[1].test, strict=True))
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(inputs).argmax(-1) == targets).float().mean().item()
+    assert accuracy >= LEARNT, f"the last task should be learnt: accuracy {accuracy:.2f} on its test rows"

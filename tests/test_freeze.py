@@ -71,7 +71,7 @@ def test_frozen_parameters_get_no_optimizer_state(split_stream):
     optimizer = fit.optimizers[0]
     assert sum(len(group["params"]) for group in optimizer.param_groups) == 4  # every parameter is in it
     assert {id(p) for p in optimizer.state} == {id(model.net[2].weight), id(model.net[2].bias)}
-    assert int(optimizer.state[model.net[2].weight]["step"]) == 12  # 96 samples / batch 8
+    assert int(optimizer.state[model.net[2].weight]["step"]) == 24  # 96 samples / batch 8, both tasks: carried
 
 
 def test_parameters_are_frozen_before_configure_optimizers(split_stream):

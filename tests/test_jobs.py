@@ -29,6 +29,7 @@ from lightning_incremental import (
     LwF,
     MLPClassifier,
     TaskCheckpoint,
+    load_task_checkpoint,
 )
 from lightning_incremental.core import PROGRESS_KEY
 
@@ -223,3 +224,9 @@ def test_the_optimizer_state_a_method_carries_travels_in_the_checkpoint(tmp_path
     job(0, [LwF(), TaskCheckpoint(tmp_path)], epochs=1)
     second, _ = job(1, [LwF(), TaskCheckpoint(tmp_path)], ckpt_path=tmp_path / "last.ckpt", epochs=1)
     assert adam_steps(second) == 8
+
+
+def test_load_task_checkpoint_refuses_a_checkpoint_saved_before_the_task_end(tmp_path):
+    job(0, [EWC(), ModelCheckpoint(tmp_path, save_last=True)])
+    with pytest.raises(ValueError, match="before its task end"):
+        load_task_checkpoint(tmp_path / "last.ckpt", UserModel(), [EWC()])

@@ -9,8 +9,12 @@ explains the contract):
   again when a fit resumes a task already under way, :attr:`ContinualCallback.resuming_task`),
   :meth:`ContinualCallback.on_task_end` in ``on_train_end`` (model still on its device, DDP still up).
   The task index comes from the stream's dataloader when a :class:`~lightning_incremental.scenarios.Task`
-  built it, else from counting fits. A fit that would train nothing (a reused Trainer already at
-  ``max_epochs``) is refused with the fix.
+  built it, else from counting fits (restored from a checkpoint: never from the user's DataModule). A fit that
+  would train nothing (a reused Trainer already at ``max_epochs``) is refused with the fix.
+- **Updates as jobs.** ``fit(ckpt_path=)`` of a finished task starts the next one, of a task under way resumes
+  it; every other case is refused before a step (:meth:`ContinualCallback.on_load_checkpoint`).
+- **The optimizer's state.** ``keeps_optimizer_state`` says whether the benchmarks favour carrying it across
+  tasks for the method; :func:`~lightning_incremental.core.optimizer_state_carrier` decides for a Trainer.
 - **The training step.** A method that overrides :meth:`ContinualCallback.wrap_training_step` joins the step
   chain (:mod:`lightning_incremental.core.step_chain`).
 - **Gradient terms.** A method that overrides :meth:`ContinualCallback.add_gradient_terms` adds to
@@ -59,6 +63,9 @@ class ContinualCallback(Callback):
             optimization would never backpropagate: such methods refuse ``automatic_optimization=False``.
         reads_trained_weights: the method reads the trained weights at the task end (a regularizer's anchor, a
             merge), so a method that changes them there (LoRA merging its adapters) must come before it.
+        keeps_optimizer_state: ``True`` when the optimizer's state carried across tasks helps the method in the
+            benchmarks, ``False`` when it hurts, ``None`` (the default) for no preference; the method then carries
+            it itself unless another method is against it or a ``KeepOptimizerState`` decides.
 
     Attributes:
         tasks_completed: how many tasks (fits) this method has finished.
