@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from harness import QUIET
+from harness import QUIET, run_like_torchrun
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.nn import functional as F
@@ -230,3 +230,22 @@ def test_load_task_checkpoint_refuses_a_checkpoint_saved_before_the_task_end(tmp
     job(0, [EWC(), ModelCheckpoint(tmp_path, save_last=True)])
     with pytest.raises(ValueError, match="before its task end"):
         load_task_checkpoint(tmp_path / "last.ckpt", UserModel(), [EWC()])
+
+
+def test_updates_under_ddp_start_the_next_task_on_every_rank_with_the_same_state(tmp_path):
+    def worker(rank: int, out_dir: Path) -> None:
+        for task in range(2):
+            ckpt_path = out_dir / "last.ckpt" if task else None
+            trainer, model = job(task, methods(out_dir), ckpt_path=ckpt_path, epochs=10, strategy="ddp", devices=2)
+        ewc, replay, evaluation = trainer.callbacks[:3]
+        progress = (ewc.tasks_completed, ewc.current_task, replay.tasks_completed)
+        state = {"weights": model.state_dict(), "matrix": evaluation.matrix, "progress": progress}
+        torch.save({**state, "rows": len(replay.buffer)}, out_dir / f"rank{rank}.pt")
+
+    run_like_torchrun(worker, tmp_path)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1))
+    assert rank0["progress"] == rank1["progress"] == (2, 1, 2)
+    assert all(torch.equal(rank0["weights"][name], rank1["weights"][name]) for name in rank0["weights"])
+    assert rank0["matrix"] == rank1["matrix"] and [len(row) for row in rank0["matrix"]] == [1, 2]
+    assert min(rank0["matrix"][1]) > 0.9
+    assert rank0["rows"] + rank1["rows"] == 32  # one global buffer of 32 rows, a share per rank
