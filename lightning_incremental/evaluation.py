@@ -344,13 +344,8 @@ class ContinualEvaluation(ContinualCallback):
 
     @override
     def on_task_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.stream is None and not validation_dataloaders(trainer):
-            raise ValueError(
-                "ContinualEvaluation() without a stream evaluates the fit's validation dataloaders, one per task, and "
-                "this fit has none (no `val_dataloader` or `validation_step`, or `limit_val_batches=0`). Return one "
-                "loader per task seen so far from the DataModule's `val_dataloader`, or pass a TaskStream: "
-                "`ContinualEvaluation(stream)`."
-            )
+        if self.stream is None:
+            self._check_validation_dataloaders(trainer)
         if self.initials is not None or self.matrix:
             return
         if self.evaluate_initial:
@@ -386,6 +381,24 @@ class ContinualEvaluation(ContinualCallback):
                 for name, row in values.items():
                     row.append(_scalar(computed, name, index))
         return values
+
+    def _check_validation_dataloaders(self, trainer: Trainer) -> None:
+        """Refuse, before training, a fit whose validation dataloaders cannot give this task's row."""
+        loaders = validation_dataloaders(trainer)
+        if not loaders:
+            raise ValueError(
+                "ContinualEvaluation() without a stream evaluates the fit's validation dataloaders, one per task, and "
+                "this fit has none (no `val_dataloader` or `validation_step`, or `limit_val_batches=0`). Return one "
+                "loader per task seen so far from the DataModule's `val_dataloader`, or pass a TaskStream: "
+                "`ContinualEvaluation(stream)`."
+            )
+        if len(loaders) <= self.current_task:
+            raise ValueError(
+                f"This fit is task {self.current_task} (counted from the checkpoint), but it has {len(loaders)} "
+                f"validation dataloader(s): ContinualEvaluation() needs one per task seen so far, loader j being task "
+                f"j's ({self.current_task + 1} here). Return them from the DataModule's `val_dataloader`, or check "
+                "that `ckpt_path` is the last update's checkpoint."
+            )
 
     def _check_a_batch(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """One test batch through the model and the metric, so a metric that does not fit fails before training."""

@@ -249,3 +249,18 @@ def test_updates_under_ddp_start_the_next_task_on_every_rank_with_the_same_state
     assert rank0["matrix"] == rank1["matrix"] and [len(row) for row in rank0["matrix"]] == [1, 2]
     assert min(rank0["matrix"][1]) > 0.9
     assert rank0["rows"] + rank1["rows"] == 32  # one global buffer of 32 rows, a share per rank
+
+
+def test_a_fresh_fit_beside_another_runs_task_end_is_refused_at_setup(tmp_path):
+    job(0, [EWC(), TaskCheckpoint(tmp_path)])
+    saved = (tmp_path / "last.ckpt").read_bytes()
+    with pytest.raises(FileExistsError, match="ckpt_path="):
+        job(0, [EWC(), TaskCheckpoint(tmp_path)])
+    assert (tmp_path / "last.ckpt").read_bytes() == saved
+
+
+def test_the_evaluation_refuses_fewer_validation_loaders_than_tasks_at_the_task_start(tmp_path):
+    job(0, [ContinualEvaluation(num_classes=N_CLASSES), TaskCheckpoint(tmp_path)])
+    job(1, [ContinualEvaluation(num_classes=N_CLASSES), TaskCheckpoint(tmp_path)], ckpt_path=tmp_path / "last.ckpt")
+    with pytest.raises(ValueError, match=r"task 2 .* 2 validation dataloader"):  # task 1's data: 2 loaders
+        job(1, [ContinualEvaluation(num_classes=N_CLASSES), TaskCheckpoint(tmp_path)], ckpt_path=tmp_path / "last.ckpt")

@@ -1,5 +1,6 @@
 """The checkpoint an update leaves behind: ``last.ckpt`` rewritten after the task end."""
 
+import os
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
@@ -20,8 +21,10 @@ class TaskCheckpoint(ModelCheckpoint):
     :class:`~lightning_incremental.core.ContinualCallback`); a ``ckpt_path`` saved before a task end is refused.
 
     Give it a fixed ``dirpath``: by default ``ModelCheckpoint`` writes into the logger's version folder, which is
-    new in every process. With a Trainer that has this callback every fit is an update, so a first fit that
-    replays nothing yet does not warn (``ExperienceReplay``).
+    new in every process. A fit that would put its ``last.ckpt`` beside another run's (the file exists, and is
+    neither the fit's ``ckpt_path`` nor one this callback wrote) is refused before its first step: it would start
+    the updates over, and the next update would continue the other run. With a Trainer that has this callback
+    every fit is an update, so a first fit that replays nothing yet does not warn (``ExperienceReplay``).
 
     Args:
         dirpath: the folder of the checkpoints; the next update's ``ckpt_path`` is ``<dirpath>/last.ckpt``.
@@ -60,9 +63,28 @@ class TaskCheckpoint(ModelCheckpoint):
             )
         super().__init__(dirpath=dirpath, save_last=True, **kwargs)
 
+    @property
+    def task_end_path(self) -> str:
+        """``<dirpath>/last.ckpt``: the file every task end is written to, the next update's ``ckpt_path``."""
+        return self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after the restore: ``trainer.ckpt_path`` is the checkpoint loaded, ``last_model_path`` restored from it
+        path = self.task_end_path
+        ours = {os.path.abspath(self.last_model_path)} if self.last_model_path else set()
+        if trainer.ckpt_path is not None:
+            ours.add(os.path.abspath(trainer.ckpt_path))
+        elsewhere = trainer.strategy.broadcast(self.file_exists(path, trainer) and os.path.abspath(path) not in ours)
+        if elsewhere:
+            raise FileExistsError(
+                f"{path} holds another run's task end, and this fit does not start from it. Pass "
+                f"`ckpt_path={path!r}` (`--ckpt_path` on the command line) to continue those updates, or give "
+                "TaskCheckpoint another `dirpath` (or remove the file) to start over."
+            )
+
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # the file ModelCheckpoint's epoch ends wrote (``last-v1.ckpt`` in a folder another run left a last.ckpt in)
-        path = self.last_model_path or self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
+        path = self.task_end_path
         trainer.save_checkpoint(path)
         self.last_model_path = path
