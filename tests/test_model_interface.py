@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_incremental import DER, EWC, MAS, SI, ExperienceReplay, LwF, ModelInterface
+from lightning_incremental import DER, EWC, MAS, SI, ExperienceReplay, KeepOptimizerState, LwF, ModelInterface
 from lightning_incremental.core.interface import per_sample_nll
 
 
@@ -229,7 +229,7 @@ def test_a_reused_trainer_that_would_train_nothing_is_refused(split_stream):
 # ---------------------------------------------------------------------------------------------- random stream
 def test_ewc_with_lambda_zero_reproduces_naive_fine_tuning(split_stream):
     weights = []
-    for callbacks in ([], [EWC(lambda_=0.0)]):
+    for callbacks in ([KeepOptimizerState()], [EWC(lambda_=0.0)]):  # EWC carries the optimizer's state itself
         L.seed_everything(0, verbose=False)
         model = tiny_model(split_stream)
         for task in split_stream:

@@ -1,6 +1,13 @@
 """Task streams (scenarios) and the bundled data they are built from."""
 
-from lightning_incremental.scenarios.datasets import digits_stream, load_digits, regression_stream, synthetic_stream
+from lightning_incremental.scenarios.datasets import (
+    digits_stream,
+    fashion_mnist_stream,
+    load_digits,
+    load_fashion_mnist,
+    regression_stream,
+    synthetic_stream,
+)
 from lightning_incremental.scenarios.stream import (
     LabeledTensorDataset,
     Task,
@@ -17,7 +24,9 @@ __all__ = [
     "TaskDataset",
     "TaskStream",
     "digits_stream",
+    "fashion_mnist_stream",
     "load_digits",
+    "load_fashion_mnist",
     "permute_inputs",
     "regression_stream",
     "split_classes",

@@ -1,5 +1,8 @@
 """Data that ships with the installed packages: nothing here downloads anything."""
 
+import gzip
+import struct
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -147,3 +150,113 @@ def regression_stream(
         for index in range(n_tasks)
     ]
     return TaskStream(tasks, "domain-incremental", num_classes=0, name="regression")
+
+
+FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_INSTALL_HINT = "apt-get install dataset-fashion-mnist"
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    """The uint8 array of a gzipped idx file (``idx1``: labels, ``idx3``: images), with its stored shape."""
+    with gzip.open(path, "rb") as file:
+        data = file.read()
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08:
+        raise ValueError(f"{path} is not an idx file of unsigned bytes (magic {data[:4].hex()}).")
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    values = torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8)
+    expected = 1
+    for size in shape:
+        expected *= size
+    if values.numel() != expected:
+        raise ValueError(f"{path} holds {values.numel()} values, its header says {shape} ({expected}).")
+    return values.reshape(shape)
+
+
+def _stratified_subsample(labels: torch.Tensor, size: int | None, generator: torch.Generator) -> torch.Tensor:
+    """Ascending indices of ``size`` rows drawn at random, as evenly over the classes as they allow (all if None)."""
+    if size is None:
+        return torch.arange(len(labels))
+    if not 0 < size <= len(labels):
+        raise ValueError(f"A subsample size must be in [1, {len(labels)}], got {size}.")
+    order = torch.randperm(len(labels), generator=generator)
+    classes = labels.unique().tolist()
+    by_class = {c: order[labels[order] == c] for c in classes}
+    quota = {c: size // len(classes) + (rank < size % len(classes)) for rank, c in enumerate(classes)}
+    for c in classes:
+        if quota[c] > len(by_class[c]):
+            raise ValueError(f"{size} rows spread evenly take {quota[c]} of class {c}, which has {len(by_class[c])}.")
+    return torch.cat([by_class[c][: quota[c]] for c in classes]).sort().values
+
+
+def load_fashion_mnist(
+    root: str | Path = FASHION_MNIST_ROOT,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    seed: int = 0,
+) -> tuple[LabeledTensorDataset, LabeledTensorDataset]:
+    """Fashion-MNIST from the idx files of the Debian package ``dataset-fashion-mnist``: pixels / 255, flattened.
+
+    As :func:`load_digits`, the inputs are float32 in [0, 1], one row of 784 features (28x28) per image, the labels
+    0 … 9 (T-shirt/top, trouser, pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot); 60,000 train and
+    10,000 test images in full. ``train_size`` and ``test_size`` draw a subsample of each split, as evenly over the
+    classes as it divides (``train_size=3000``: 300 per class), with ``seed``; the rows keep the files' order. The
+    files are read from ``root`` (``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``); nothing is downloaded, and
+    missing files raise a ``FileNotFoundError`` that says how to install them.
+
+    Example (needs the package; ``tests/test_fashion_mnist.py`` checks it)::
+
+        train, test = load_fashion_mnist(train_size=3000, test_size=1000)
+        len(train), len(test), tuple(train[0][0].shape)  # (3000, 1000, (784,))
+    """
+    root = Path(root)
+    files = {
+        (split, part): root / f"{prefix}-{part}-ubyte.gz"
+        for split, prefix in (("train", "train"), ("test", "t10k"))
+        for part in ("images-idx3", "labels-idx1")
+    }
+    missing = [str(path) for path in files.values() if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST is not installed: {', '.join(missing)} missing. Install the Debian package with "
+            f"`{FASHION_MNIST_INSTALL_HINT}` (it puts the idx files in {FASHION_MNIST_ROOT}), or pass `root=` the "
+            "folder that holds them. Nothing is downloaded at run time."
+        )
+    generator = torch.Generator().manual_seed(seed)
+
+    def split(name: str, size: int | None) -> LabeledTensorDataset:
+        images, labels = _read_idx(files[name, "images-idx3"]), _read_idx(files[name, "labels-idx1"])
+        if len(images) != len(labels):
+            raise ValueError(f"The {name} split has {len(images)} images but {len(labels)} labels.")
+        keep = _stratified_subsample(labels, size, generator)
+        return LabeledTensorDataset(images[keep].reshape(len(keep), -1).float() / 255.0, labels[keep].long())
+
+    return split("train", train_size), split("test", test_size)
+
+
+def fashion_mnist_stream(
+    kind: Literal["split", "permuted"] = "permuted",
+    n_tasks: int = 5,
+    seed: int = 0,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    subsample_seed: int = 0,
+    task_labels: bool = False,
+    root: str | Path = FASHION_MNIST_ROOT,
+) -> TaskStream:
+    """A stream of Fashion-MNIST (:func:`load_fashion_mnist`), built as :func:`digits_stream` builds the digits'.
+
+    ``"permuted"``: all ten classes, task 0 unpermuted, tasks 1… a fixed random pixel permutation each, drawn with
+    ``seed`` (domain-incremental). ``"split"``: classes (0, 1), (2, 3), … one pair per task (class-incremental, or
+    task-incremental with ``task_labels=True``). The subsample (``train_size``, ``test_size``) is drawn with
+    ``subsample_seed``, so that as on the digits the data stay fixed while ``seed`` changes the stream.
+    """
+    if kind not in ("split", "permuted"):
+        raise ValueError(f"`kind` must be 'split' or 'permuted', got {kind!r}.")
+    train, test = load_fashion_mnist(root, train_size, test_size, subsample_seed)
+    if kind == "split":
+        stream = split_classes(train, test, n_tasks=n_tasks, seed=seed, task_labels=task_labels)
+    else:
+        stream = permute_inputs(train, test, n_tasks=n_tasks, seed=seed)
+    stream.name = f"fashion-mnist-{stream.name}"
+    return stream
