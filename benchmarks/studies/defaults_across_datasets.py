@@ -16,13 +16,14 @@ and their neighbours, in one run, on two domain-incremental streams of 5 tasks:
 
 The settings: ExperienceReplay at ratio 1, 2 and 4; LwF at its default (alpha 0.5, temperature 8) and three
 neighbours; EWC, SI and MAS at their default strength, one lower and one higher; naive fine-tuning with and without
-the optimizer's state carried. Every method runs with the optimizer's state carried or not as its catalog entry says
-(``MethodSpec.keep_optimizer_state``); the defaults are read from the methods' signatures, so the table marks the
-package's current ones. Within a dataset and a seed every setting runs on the same stream and initialisation, one
-after another, so its wall time and its process CPU time over naive fine-tuning's (state reset) are taken under the
-same load, then averaged over the seeds; "vs default" is the mean ± std of the per-seed differences from the method's
-default. On a shared machine the wall time follows the other processes' load; the CPU time of the one-threaded
-process follows it much less, so the rule reads the cost from the CPU time.
+the optimizer's state carried. Every method runs with the optimizer's state carried or not as in a user's Trainer
+(the method's ``keeps_optimizer_state``, or its catalog entry's ``MethodSpec.keep_optimizer_state``); the defaults
+are read from the methods' signatures, so the table marks the package's current ones. Within a dataset and a seed
+every setting runs on the same stream and initialisation, one after another, so its wall time and its process CPU
+time over naive fine-tuning's (state reset) are taken under the same load, then averaged over the seeds; "vs
+default" is the mean ± std of the per-seed differences from the method's default. On a shared machine the wall time
+follows the other processes' load; the CPU time of the one-threaded process follows it much less, so the rule reads
+the cost from the CPU time.
 
 The rule of the earlier sweeps, per dataset: the cheapest setting within 0.5 points of the method's best mean
 accuracy, the cost being the CPU time over naive fine-tuning's. Only the replay ratio changes the cost (rows per
@@ -50,6 +51,7 @@ from lightning.pytorch import Callback
 from sections import add_results_argument, publish
 
 from lightning_incremental.catalog import MethodSpec, registry
+from lightning_incremental.core import optimizer_state_carrier
 from lightning_incremental.experiment import make_stream, run_method
 from lightning_incremental.methods.distillation import LwF
 from lightning_incremental.methods.regularization import EWC, MAS, SI
@@ -80,9 +82,16 @@ class Setting:
     default: bool
 
 
+def _carries(spec: MethodSpec) -> bool:
+    """Whether the entry's run carries the optimizer's state: the entry's own setting, else its methods' defaults."""
+    if spec.keep_optimizer_state is not None:
+        return spec.keep_optimizer_state
+    return optimizer_state_carrier(spec.build()) is not None
+
+
 def settings() -> list[Setting]:
     """Naive fine-tuning (reset, carried), then every method's grid with its current default marked."""
-    keep = {name: spec.keep_optimizer_state for name, spec in registry().items()}
+    keep = {name: _carries(spec) for name, spec in registry().items()}
     grid = [
         Setting("naive", "- (state reset)", lambda buffer: [], False, False),
         Setting("naive", "- (state carried)", lambda buffer: [], True, True),
