@@ -190,7 +190,7 @@ class ContinualCallback(Callback):
         self.tasks_completed = int(state_dict["tasks_completed"])
         self.current_task = int(state_dict["current_task"])
         self._task_in_progress = bool(state_dict["task_in_progress"])
-        if state_dict["optimizer_state"] is not None:
+        if state_dict.get("optimizer_state") is not None:  # absent from checkpoints of before it was carried here
             self._carried = CarriedOptimizerState()
             self._carried.load_state_dict(state_dict["optimizer_state"])
 
@@ -212,8 +212,10 @@ class ContinualCallback(Callback):
         - A checkpoint of a fit without any method starts the first task from its weights when that fit had
           finished, and is refused in the middle of one.
         """
-        progress = checkpoint.get(PROGRESS_KEY)
         own_state = checkpoint.get("callbacks", {}).get(self.state_key)
+        progress = checkpoint.get(PROGRESS_KEY)
+        if progress is None and own_state is not None:  # a checkpoint written before the record: the method's own
+            progress = {key: own_state[key] for key in ("tasks_completed", "task_in_progress")}
         trains_nothing = _lightning.checkpoint_trains_nothing(trainer, checkpoint)
         if (progress is None and trains_nothing) or (progress is not None and not progress["task_in_progress"]):
             _lightning.start_fresh_fit_from(checkpoint)
