@@ -38,11 +38,10 @@ class EWC(SampledImportance):
     ``sum_c p(c | x_n) (d log p(c | x_n))^2`` at one backward per class per batch, for a Gaussian the
     squared gradients of every output, for a Bernoulli ``p (1 - p)`` times those of every logit.
 
-    The defaults (online with ``decay=0.9``, empirical Fisher over the whole task) were chosen by
-    ``benchmarks/sweeps/sweep_regularization.py`` and ``benchmarks/studies/long_stream.py``, the strength
-    ``lambda_=100`` with the optimizer's state carried (as EWC carries it by default) over permuted digits and
-    permuted Fashion-MNIST by ``benchmarks/studies/defaults_across_datasets.py``; the numbers are in
-    ``benchmarks/RESULTS.md`` ("Defaults across datasets"). Online is the default because separate EWC's
+    The defaults (``lambda_=300``, online with ``decay=0.9``, empirical Fisher over the whole task) were chosen by
+    ``benchmarks/sweeps/sweep_regularization.py`` and ``benchmarks/studies/long_stream.py``, and the strength
+    re-checked with the optimizer's state carried (as EWC carries it by default) on permuted digits and permuted
+    Fashion-MNIST: ``benchmarks/RESULTS.md`` ("Defaults across datasets"). Online is the default because separate EWC's
     importance only grows: on a long stream (20 tasks) the summed Fisher ends up freezing the model and it falls
     below plain fine-tuning, while online EWC's decayed importance stays bounded (``decay / (1 - decay)`` times
     one task's).
@@ -75,7 +74,7 @@ class EWC(SampledImportance):
 
     def __init__(
         self,
-        lambda_: float = 100.0,
+        lambda_: float = 300.0,
         mode: Literal["separate", "online"] = "online",
         decay: float = 0.9,
         fisher: Literal["empirical", "true"] = "empirical",
