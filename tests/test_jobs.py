@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from harness import QUIET, run_like_torchrun
+from harness import QUIET, run_like_torchrun, weights
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.nn import functional as F
@@ -83,10 +83,6 @@ def methods(folder: Path) -> list:
     return [EWC(), ExperienceReplay(buffer_size=32), ContinualEvaluation(num_classes=N_CLASSES), TaskCheckpoint(folder)]
 
 
-def weights(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
 def test_the_task_end_checkpoint_starts_the_next_task_with_every_method_state(tmp_path):
     first, _ = job(0, methods(tmp_path), epochs=5)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
@@ -111,7 +107,7 @@ def test_a_checkpoint_saved_before_the_task_end_is_refused_before_any_step(tmp_p
     before = weights(model)
     with pytest.raises(RuntimeError, match=r"before its task end.*TaskCheckpoint"):
         job(1, [EWC()], ckpt_path=tmp_path / "last.ckpt", model=model)
-    assert all(torch.equal(before[name], p) for name, p in weights(model).items())
+    assert all(torch.equal(before[name], value) for name, value in weights(model).items())
 
 
 def test_a_mid_task_checkpoint_resumes_the_task_and_ends_it_once(tmp_path):

@@ -44,13 +44,17 @@ def micro_batches_in_window(trainer: Trainer) -> int:
 
 def has_nothing_left_to_train(trainer: Trainer) -> bool:
     """Whether this fit will train nothing because the Trainer already reached ``max_epochs`` or ``max_steps``
-    (a reused Trainer, or a resume from a checkpoint saved at the end of a task): the test of
-    ``fit_loop.done``, read from ``fit_loop.epoch_progress`` without its side effects."""
+    (a reused Trainer): the test of ``fit_loop.done``, read from ``fit_loop.epoch_progress`` without its side
+    effects."""
     loop = trainer.fit_loop
-    max_epochs, max_steps = loop.max_epochs, loop.max_steps
-    epochs_reached = max_epochs is not None and max_epochs != -1 and loop.epoch_progress.current.processed >= max_epochs
-    steps_reached = max_steps != -1 and loop.epoch_loop.global_step >= max_steps
-    return epochs_reached or steps_reached
+    return _limits_reached(trainer, loop.epoch_progress.current.processed, loop.epoch_loop.global_step)
+
+
+def _limits_reached(trainer: Trainer, epochs_processed: int, global_step: int) -> bool:
+    """``fit_loop.done``'s test of ``max_epochs`` and ``max_steps`` on the given progress."""
+    max_epochs, max_steps = trainer.fit_loop.max_epochs, trainer.fit_loop.max_steps
+    epochs_reached = max_epochs is not None and max_epochs != -1 and epochs_processed >= max_epochs
+    return epochs_reached or (max_steps != -1 and global_step >= max_steps)
 
 
 def logging_step(trainer: Trainer) -> int:
@@ -68,13 +72,8 @@ def checkpoint_trains_nothing(trainer: Trainer, checkpoint: dict[str, Any]) -> b
     """Whether resuming ``checkpoint`` with this Trainer's ``max_epochs`` / ``max_steps`` would train nothing: the
     test of ``fit_loop.done`` on the checkpoint's ``loops["fit_loop"]["epoch_progress"]["current"]["processed"]``
     (increased before ``on_train_epoch_end``, where epoch checkpoints are saved) and its ``global_step``."""
-    loop = trainer.fit_loop
     progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
-    processed, global_step = int(progress.get("processed", 0)), int(checkpoint.get("global_step", 0))
-    max_epochs, max_steps = loop.max_epochs, loop.max_steps
-    epochs_reached = max_epochs is not None and max_epochs != -1 and processed >= max_epochs
-    steps_reached = max_steps != -1 and global_step >= max_steps
-    return epochs_reached or steps_reached
+    return _limits_reached(trainer, int(progress.get("processed", 0)), int(checkpoint.get("global_step", 0)))
 
 
 def start_fresh_fit_from(checkpoint: dict[str, Any]) -> None:
