@@ -484,8 +484,11 @@ def _padded(values: list[float], width: int) -> list[float]:
 @contextmanager
 def _on_root_device(trainer: Trainer, pl_module: LightningModule) -> Iterator[None]:
     """The model on the strategy's device inside the block (a fit may end with it elsewhere), back after."""
-    home = pl_module.device
-    pl_module.to(trainer.strategy.root_device)
+    home, root = pl_module.device, trainer.strategy.root_device
+    if home == root:  # nothing to move (a fully_shard-ed model cannot be moved while its optimizer holds it)
+        yield
+        return
+    pl_module.to(root)
     try:
         yield
     finally:

@@ -34,14 +34,13 @@ from lightning_incremental.core.modules import OldModel, frozen_copy
 from lightning_incremental.core.optimizer_state import (
     CarriedOptimizerState,
     grow_param_state,
-    is_growth,
     optimizer_state_carrier,
 )
 from lightning_incremental.core.passes import eval_mode, own_pass, private_pass, rows_of, task_rows
 from lightning_incremental.core.state import assign_state_keys
 from lightning_incremental.core.step_chain import Step, StepChain, add_to_loss
 from lightning_incremental.core.targets import IGNORE_INDEX, are_class_labels
-from lightning_incremental.core.tensors import grow_to
+from lightning_incremental.core.tensors import grow_to, is_growth
 
 __all__ = [
     "IGNORE_INDEX",

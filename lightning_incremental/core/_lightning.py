@@ -76,15 +76,20 @@ def checkpoint_trains_nothing(trainer: Trainer, checkpoint: dict[str, Any]) -> b
     return _limits_reached(trainer, int(progress.get("processed", 0)), int(checkpoint.get("global_step", 0)))
 
 
-def start_fresh_fit_from(checkpoint: dict[str, Any]) -> None:
+def start_fresh_fit_from(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
     """Make Lightning restore only the weights and the callbacks' states from ``checkpoint``, the dict being loaded:
     drop the loops' progress and set no optimizer or LR scheduler state to restore, so the fit starts at epoch 0 with
     the optimizers ``configure_optimizers`` built. ``Callback.on_load_checkpoint`` receives the very dict
     ``restore_training_state`` reads afterwards (``_CheckpointConnector._loaded_checkpoint``), whose
-    ``restore_loops`` skips a missing ``"loops"`` and whose optimizer and scheduler restores zip over these lists."""
+    ``restore_loops`` skips a missing ``"loops"`` and whose optimizer and scheduler restores zip over these lists.
+    A strategy that restores after its setup (``ModelParallelStrategy``) has loaded the optimizers' states into the
+    optimizers before the callbacks' restore (``strategy.load_checkpoint``): they are emptied, as a new optimizer's."""
     checkpoint.pop("loops", None)
     checkpoint["optimizer_states"] = []
     checkpoint["lr_schedulers"] = []
+    if trainer.strategy.restore_checkpoint_after_setup:  # ModelParallelStrategy loaded the optimizers' states already
+        for optimizer in trainer.optimizers:
+            optimizer.state.clear()
 
 
 def validation_dataloaders(trainer: Trainer) -> list[Any]:

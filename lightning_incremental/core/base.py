@@ -36,6 +36,7 @@ from typing_extensions import override
 from lightning_incremental.core import _lightning
 from lightning_incremental.core.interface import ModelInterface
 from lightning_incremental.core.optimizer_state import CarriedOptimizerState, optimizer_state_carrier
+from lightning_incremental.core.sharding import local
 from lightning_incremental.core.state import assign_state_keys, carry_state_to_main_process, register_instance
 from lightning_incremental.core.step_chain import Step, StepChain
 from lightning_incremental.scenarios.stream import TaskDataset
@@ -160,7 +161,11 @@ class ContinualCallback(Callback):
         grads: list[Tensor],
         scale: float,
     ) -> None:
-        """Add to ``grads`` (the ``.grad`` of ``params``, in place); multiply the term by ``scale``."""
+        """Add to ``grads`` (the ``.grad`` of ``params``, in place); multiply the term by ``scale``.
+
+        Under sharding (``fully_shard``) ``params`` are the ``DTensor`` parameters, each the same object at every
+        step, and ``grads`` this rank's shards of their gradients: read a parameter's shard with
+        :func:`~lightning_incremental.core.local`."""
 
     @property
     def resuming_task(self) -> bool:
@@ -218,7 +223,7 @@ class ContinualCallback(Callback):
             progress = {key: own_state[key] for key in ("tasks_completed", "task_in_progress")}
         trains_nothing = _lightning.checkpoint_trains_nothing(trainer, checkpoint)
         if (progress is None and trains_nothing) or (progress is not None and not progress["task_in_progress"]):
-            _lightning.start_fresh_fit_from(checkpoint)
+            _lightning.start_fresh_fit_from(trainer, checkpoint)
             if own_state is None and progress is not None:  # joins the updates at this task
                 self.tasks_completed = self.current_task = int(progress["tasks_completed"])
             return
@@ -269,6 +274,19 @@ class ContinualCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.strategy.restore_checkpoint_after_setup:
+            self._enter_fit(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # ModelParallelStrategy (FSDP2) restores a checkpoint's callbacks and loops after on_fit_start: the fit starts
+        # here, once the state it resumes is in place
+        if trainer.strategy.restore_checkpoint_after_setup:
+            self._enter_fit(trainer, pl_module)
+
+    def _enter_fit(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The fit's start after every restore: :meth:`place_state`, then :meth:`on_task_start` unless the fit resumes
+        a task under way."""
         if _lightning.has_nothing_left_to_train(trainer):
             raise RuntimeError(
                 f"This fit would train nothing: the Trainer is at max_epochs={trainer.max_epochs} (or "
@@ -307,9 +325,9 @@ class ContinualCallback(Callback):
         if not self._overrides("add_gradient_terms"):
             return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if params:
+        if params:  # the term of a sharded parameter is its rank's: the local shards of the gradients
             scale = _lightning.micro_batches_in_window(trainer) / trainer.accumulate_grad_batches
-            self.add_gradient_terms(trainer, pl_module, params, [p.grad for p in params], scale)
+            self.add_gradient_terms(trainer, pl_module, params, [local(p.grad) for p in params], scale)
 
     # ------------------------------------------------------------------ helpers
     def _overrides(self, method: str) -> bool:

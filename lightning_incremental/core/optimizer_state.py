@@ -10,7 +10,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
-from lightning_incremental.core.tensors import grow_to
+from lightning_incremental.core.sharding import is_sharded, shard_of_dtensor
+from lightning_incremental.core.tensors import grow_to, is_growth
 
 
 def grow_param_state(state: dict[str, Any], old_shape: torch.Size, new_shape: torch.Size) -> dict[str, Any]:
@@ -39,15 +40,6 @@ def grow_param_state(state: dict[str, Any], old_shape: torch.Size, new_shape: to
             value = grow_to(value, new_shape)
         grown[key] = value
     return grown
-
-
-def is_growth(old_shape: torch.Size, new_shape: torch.Size) -> bool:
-    """Whether ``new_shape`` is ``old_shape`` or a growth of it (same number of dimensions, none smaller).
-
-    >>> is_growth(torch.Size([2, 8]), torch.Size([4, 8])), is_growth(torch.Size([4, 8]), torch.Size([8, 4]))
-    (True, False)
-    """
-    return len(old_shape) == len(new_shape) and all(old <= new for old, new in zip(old_shape, new_shape, strict=True))
 
 
 class CarriedOptimizerState:
@@ -106,7 +98,8 @@ class CarriedOptimizerState:
                     if state:
                         # a copy: the next task's optimizer trains it in place, the old Trainer's stays as it ended
                         params[names[id(p)]] = {"shape": list(p.shape), "state": copy.deepcopy(dict(state))}
-                        refs[names[id(p)]] = weakref.ref(p)
+                        if not is_sharded(p):  # a weak reference would stop fully_shard's module.to() next fit
+                            refs[names[id(p)]] = weakref.ref(p)
             lrs = [group["lr"] for group in optimizer.param_groups]
             optimizers.append({"type": _type_name(optimizer), "params": params, "lrs": lrs})
             identities.append(refs)
@@ -119,7 +112,13 @@ class CarriedOptimizerState:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizers": self.optimizers, "lr_schedulers": self.lr_schedulers}
+        """The carried state; a sharded parameter's state gathered into full tensors (a collective: every rank calls
+        it)."""
+        optimizers = [
+            {**entry, "params": {name: _gathered(carried) for name, carried in entry["params"].items()}}
+            for entry in self.optimizers
+        ]
+        return {"optimizers": optimizers, "lr_schedulers": self.lr_schedulers}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.optimizers = [
@@ -208,7 +207,7 @@ class CarriedOptimizerState:
                     "it fresh."
                 )
             try:
-                state[index] = grow_param_state(kept[name]["state"], old_shape, p.shape)
+                state[index] = _sharded_like(grow_param_state(kept[name]["state"], old_shape, p.shape), p)
             except ValueError as error:
                 raise ValueError(
                     f"Parameter {name!r} grew, but its optimizer state cannot follow: {error}. Call "
@@ -246,6 +245,23 @@ class CarriedOptimizerState:
         for optimizer, entry in zip(trainer.optimizers, self.optimizers, strict=True):
             for group, lr in zip(optimizer.param_groups, entry["lrs"], strict=True):
                 group["lr"] = lr
+
+
+def _gathered(carried: dict[str, Any]) -> dict[str, Any]:
+    """One parameter's carried entry with its sharded state tensors gathered into full tensors."""
+    state = {key: value.full_tensor() if is_sharded(value) else value for key, value in carried["state"].items()}
+    return {**carried, "state": state}
+
+
+def _sharded_like(state: dict[str, Any], param: Tensor) -> dict[str, Any]:
+    """One parameter's optimizer state with every full tensor of the parameter's shape laid out as the (sharded)
+    parameter is: a state carried through a checkpoint, for a ``fully_shard``-ed model."""
+    if not is_sharded(param):
+        return state
+    return {
+        key: shard_of_dtensor(value, param) if isinstance(value, Tensor) and value.shape == param.shape else value
+        for key, value in state.items()
+    }
 
 
 def _type_name(obj: object) -> str:

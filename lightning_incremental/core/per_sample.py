@@ -85,6 +85,18 @@ def _fast_path_layers(module: nn.Module, params: dict[str, nn.Parameter]) -> dic
     return layers
 
 
+def without_fast_path(module: nn.Module, params: dict[str, nn.Parameter]) -> list[str]:
+    """The names of ``params`` that no layer rule covers (not the weight or bias of an ``nn.Linear`` or a
+    groups-1 ``nn.Conv2d``): their sums need ``torch.func`` or a backward per sample.
+
+    >>> model = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
+    >>> without_fast_path(model, dict(model.named_parameters()))
+    ['1.weight', '1.bias']
+    """
+    covered = {id(t) for layer in _fast_path_layers(module, params).values() for t in (layer.weight, layer.bias)}
+    return [name for name, p in params.items() if id(p) not in covered]
+
+
 def _linear_sums(a: Tensor, delta: Tensor, has_bias: bool, reduction: Reduction) -> list[Tensor]:
     a, delta = _phi(a, reduction), _phi(delta, reduction)
     sums = [delta.T @ a]
@@ -109,8 +121,8 @@ def _sequence_linear_sums(
 
 
 def _conv_sums(layer: nn.Conv2d, a: Tensor, delta: Tensor, reduction: Reduction, chunk_size: int) -> list[Tensor]:
-    weight_sum = torch.zeros_like(layer.weight).flatten(1)
-    bias_sum = torch.zeros_like(layer.bias) if layer.bias is not None else None
+    weight_sum = a.new_zeros(layer.weight.shape).flatten(1)
+    bias_sum = a.new_zeros(layer.bias.shape) if layer.bias is not None else None
     for start in range(0, a.shape[0], chunk_size):
         a_chunk, delta_chunk = a[start : start + chunk_size], delta[start : start + chunk_size]
         unfolded = F.unfold(a_chunk, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
@@ -157,7 +169,7 @@ def per_sample_grad_sums(
     if chunk_size < 1:
         raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
     params = params if params is not None else {n: p for n, p in module.named_parameters() if p.requires_grad}
-    sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    sums = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
     layers = _fast_path_layers(module, params)
     names_of = {id(p): name for name, p in params.items()}
     seen = 0

@@ -17,3 +17,12 @@ def grow_to(tensor: Tensor, shape: torch.Size) -> Tensor:
     padded = tensor.new_zeros(shape)
     padded[tuple(slice(0, size) for size in tensor.shape)] = tensor
     return padded
+
+
+def is_growth(old_shape: torch.Size, new_shape: torch.Size) -> bool:
+    """Whether ``new_shape`` is ``old_shape`` or a growth of it (same number of dimensions, none smaller).
+
+    >>> is_growth(torch.Size([2, 8]), torch.Size([4, 8])), is_growth(torch.Size([4, 8]), torch.Size([8, 4]))
+    (True, False)
+    """
+    return len(old_shape) == len(new_shape) and all(old <= new for old, new in zip(old_shape, new_shape, strict=True))

@@ -135,7 +135,9 @@ class LwF(ContinualCallback):
 
     @property
     def old_model(self) -> nn.Module | None:
-        """The frozen copy of the model at the last task end (``None`` before the first task ends)."""
+        """The frozen copy of the model at the last task end (``None`` before the first task ends, and for a
+        ``fully_shard``-ed model, whose old weights are kept as shards by
+        :class:`~lightning_incremental.core.OldModel`)."""
         return self.old.module
 
     @override
@@ -168,7 +170,7 @@ class LwF(ContinualCallback):
         mode = self._mode(interface, new_logits, batch)
         if mode == "softmax" and self.task is None:
             self._remember_labels(interface, new_logits, batch)
-        if self.old_model is None:
+        if not self.old.kept:
             return output
         old_logits = self.old.logits(trainer, batch, interface)
         if mode == "mse":

@@ -30,6 +30,9 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor
 
+from lightning_incremental.core.distributed import all_reduce_sum
+from lightning_incremental.core.sharding import shard_of
+
 TensorDict = dict[str, Tensor]
 Statistics = dict[str, TensorDict]
 _PIECE = 1 << 16  # entries per piece of the element-wise work on the CPU
@@ -44,12 +47,13 @@ def task_vector(weights: Mapping[str, Tensor], base: Mapping[str, Tensor]) -> Te
     return {name: weights[name].detach().float() - reference.float() for name, reference in base.items()}
 
 
-def trim_top_k(task_vector: Mapping[str, Tensor], top_k: float) -> TensorDict:
+def trim_top_k(task_vector: Mapping[str, Tensor], top_k: float, sharded: bool = False) -> TensorDict:
     """TIES's trim: keep the ``top_k`` fraction of entries of largest magnitude, zero the rest.
 
     The fraction is taken over the whole task vector (all tensors together, as Yadav et al. do), not per
     tensor: ``ceil(top_k * n)`` of its ``n`` entries are kept, and every entry whose magnitude ties with
-    the smallest kept one is kept too.
+    the smallest kept one is kept too. With ``sharded``, the tensors are this rank's shards and the fraction is
+    taken over every rank's entries together (:func:`kth_largest_over_ranks`), as if unsharded.
 
     >>> trimmed = trim_top_k({"a": torch.tensor([0.1, -4.0, 0.3]), "b": torch.tensor([2.0, -0.2, 0.0])}, 0.5)
     >>> trimmed["a"], trimmed["b"]
@@ -62,10 +66,16 @@ def trim_top_k(task_vector: Mapping[str, Tensor], top_k: float) -> TensorDict:
     magnitudes = torch.empty(sum(sizes), dtype=first.dtype, device=first.device)
     for part, tensor in zip(magnitudes.split(sizes), task_vector.values(), strict=True):
         torch.abs(tensor.detach().flatten(), out=part)
-    keep = math.ceil(top_k * magnitudes.numel())
-    if keep >= magnitudes.numel():
+    total = magnitudes.numel()
+    if sharded:
+        total = int(all_reduce_sum([torch.tensor([float(total)], dtype=torch.float64)])[0].item())
+    keep = math.ceil(top_k * total)
+    if keep >= total:
         return {name: tensor.clone() for name, tensor in task_vector.items()}
-    threshold = magnitudes.kthvalue(magnitudes.numel() - keep + 1).values
+    if sharded:
+        threshold = kth_largest_over_ranks(magnitudes.float(), keep).to(magnitudes.dtype)
+    else:
+        threshold = magnitudes.kthvalue(total - keep + 1).values
     trimmed = {}
     for (name, tensor), flat_magnitudes in zip(task_vector.items(), magnitudes.split(sizes), strict=True):
         trimmed[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
@@ -74,14 +84,38 @@ def trim_top_k(task_vector: Mapping[str, Tensor], top_k: float) -> TensorDict:
     return trimmed
 
 
+def kth_largest_over_ranks(magnitudes: Tensor, k: int) -> Tensor:
+    """The ``k``-th largest of every rank's ``magnitudes`` (float32, >= 0) together, without gathering them: a
+    bisection on the bits of the threshold, one all-reduce of a count per bit (31 for float32, whose non-negative
+    values order as their bit patterns). The value of one of the entries, as ``kthvalue`` of their concatenation.
+
+    >>> kth_largest_over_ranks(torch.tensor([0.5, 3.0, 2.0, 0.0]), 2)
+    tensor(2.)
+    """
+    low, high = 0, 0x7F800000  # the bits of 0.0 and of +inf: the answer lies in [low, high)
+    while high - low > 1:  # invariant: at least k entries are >= bits(low), fewer than k are >= bits(high)
+        middle = (low + high) // 2
+        threshold = torch.tensor(middle, dtype=torch.int32).view(torch.float32).to(magnitudes.device)
+        count = (magnitudes >= threshold).sum().to(torch.float64).reshape(1)
+        if all_reduce_sum([count])[0].item() >= k:
+            low = middle
+        else:
+            high = middle
+    return torch.tensor(low, dtype=torch.int32).view(torch.float32).to(magnitudes.device)
+
+
 def drop_and_rescale(
-    task_vector: Mapping[str, Tensor], drop_prob: float, generator: torch.Generator | None = None
+    task_vector: Mapping[str, Tensor],
+    drop_prob: float,
+    generator: torch.Generator | None = None,
+    sharded_like: Mapping[str, Tensor] | None = None,
 ) -> TensorDict:
     """DARE: set each entry to zero with probability ``drop_prob`` and divide the kept ones by ``1 - drop_prob``.
 
     The result equals ``task_vector`` in expectation. The random draws come from ``generator`` (a CPU
     generator; the global one when ``None``), tensor by tensor in the mapping's order, so the same seed gives
-    the same masks on any device.
+    the same masks on any device. A tensor that is this rank's shard of a parameter of ``sharded_like`` gets its
+    part of the draws of the whole parameter: the same masks on any number of ranks.
 
     >>> drop_and_rescale({"w": torch.arange(1.0, 9.0)}, 0.5, torch.Generator().manual_seed(0))
     {'w': tensor([ 0.,  4.,  0.,  0.,  0., 12.,  0., 16.])}
@@ -90,7 +124,9 @@ def drop_and_rescale(
         raise ValueError(f"`drop_prob` must be in [0, 1) (the probability to drop an entry), got {drop_prob!r}.")
     dropped = {}
     for name, tensor in task_vector.items():
-        draws = torch.rand(tensor.shape, generator=generator).to(tensor.device)
+        like = (sharded_like or {}).get(name)
+        draws = torch.rand(tensor.shape if like is None else like.shape, generator=generator)
+        draws = draws.to(tensor.device) if like is None else shard_of(draws, like)
         dropped[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
         for out, value, draw in _pieces(dropped[name], tensor, draws):
             torch.div(value, 1 - drop_prob, out=out).masked_fill_(draw < drop_prob, 0.0)

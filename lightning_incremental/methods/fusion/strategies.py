@@ -16,6 +16,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_incremental.core import FisherSource
+from lightning_incremental.core.sharding import gather_full, shard_of
 from lightning_incremental.methods.fusion.functional import (
     Statistics,
     TensorDict,
@@ -62,6 +63,9 @@ class MergeStrategy:
 
     def __init__(self, settings: MergeSettings) -> None:
         self.settings = settings
+        # the model's sharded tensors by name (set at every fit start): the state of those is this rank's shards,
+        # gathered into full tensors for a checkpoint
+        self.sharded: dict[str, Tensor] = {}
 
     def setup(self, trainer: Trainer, owner: Callback) -> None:
         """Refuse, before the first step, a Trainer this mode cannot merge in (``owner`` is the callback)."""
@@ -75,20 +79,31 @@ class MergeStrategy:
         raise NotImplementedError
 
     def to(self, device: torch.device) -> None:
-        """Put the state's tensors on ``device`` (a checkpoint restores them on the CPU)."""
+        """Put the state's tensors on ``device`` (a checkpoint restores them on the CPU); a full tensor of a sharded
+        one (from a checkpoint) becomes this rank's shard."""
+
+        def place(name: str | None, tensor: Tensor) -> Tensor:
+            like = self.sharded.get(name) if name is not None else None
+            if like is not None and tensor.shape == like.shape:
+                return shard_of(tensor, like)
+            return tensor.to(device)
+
         for field in self.state_fields:
-            setattr(self, field, _map_tensors(getattr(self, field), lambda tensor: tensor.to(device)))
+            setattr(self, field, _map_tensors(getattr(self, field), place))
 
     def state_dict(self) -> dict[str, Any]:
-        """The state of this mode alone, its tensors as CPU copies."""
-        return {
-            field: _map_tensors(getattr(self, field), lambda tensor: tensor.detach().to("cpu", copy=True))
-            for field in self.state_fields
-        }
+        """The state of this mode alone, its tensors as CPU copies, full (gathered from the ranks' shards of sharded
+        tensors: a collective under sharding)."""
+
+        def full(name: str | None, tensor: Tensor) -> Tensor:
+            like = self.sharded.get(name) if name is not None else None
+            return (tensor if like is None else gather_full(tensor, like)).detach().to("cpu", copy=True)
+
+        return {field: _map_tensors(getattr(self, field), full) for field in self.state_fields}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for field in self.state_fields:
-            setattr(self, field, _map_tensors(state_dict[field], lambda tensor: tensor))
+            setattr(self, field, _map_tensors(state_dict[field], lambda name, tensor: tensor))
 
 
 class Interpolate(MergeStrategy):
@@ -203,7 +218,7 @@ class Dare(TaskVectorMerge):
 
     @override
     def prepare(self, tau: TensorDict) -> TensorDict:
-        return drop_and_rescale(tau, self.settings.drop_prob, self.generator)
+        return drop_and_rescale(tau, self.settings.drop_prob, self.generator, self.sharded)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -223,7 +238,7 @@ class Ties(TaskVectorMerge):
 
     @override
     def prepare(self, tau: TensorDict) -> TensorDict:
-        return trim_top_k(tau, self.settings.top_k)
+        return trim_top_k(tau, self.settings.top_k, sharded=bool(self.sharded))
 
 
 class MagMax(TaskVectorMerge):
@@ -307,12 +322,13 @@ STRATEGIES: dict[str, type[MergeStrategy]] = {
 """Every mode's strategy class, by the mode's name."""
 
 
-def _map_tensors(value: Any, function: Callable[[Tensor], Tensor]) -> Any:
-    """``value`` with ``function`` applied to its tensors, its dicts copied (nested ones too)."""
+def _map_tensors(value: Any, function: Callable[[str | None, Tensor], Tensor], key: str | None = None) -> Any:
+    """``value`` with ``function(name, tensor)`` applied to its tensors, its dicts copied (nested ones too); ``name``
+    is the tensor's key in the innermost dict (a tensor's name in the model), ``None`` for a tensor outside one."""
     if isinstance(value, Tensor):
-        return function(value)
+        return function(key, value)
     if isinstance(value, dict):
-        return {key: _map_tensors(item, function) for key, item in value.items()}
+        return {name: _map_tensors(item, function, name) for name, item in value.items()}
     return value
 
 

@@ -10,6 +10,7 @@ from typing_extensions import override
 
 from lightning_incremental.core import ContinualCallback
 from lightning_incremental.core.selection import Pattern, as_patterns, matching
+from lightning_incremental.core.sharding import is_sharded, local
 from lightning_incremental.methods.fusion.functional import Statistics, TensorDict
 from lightning_incremental.methods.fusion.strategies import STRATEGIES, MergeSettings, MergeStrategy
 
@@ -207,6 +208,7 @@ class WeightMerging(ContinualCallback):
 
     @override
     def place_state(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.strategy.sharded = {name: t for name, t in _floating_tensors(pl_module).items() if is_sharded(t)}
         self.strategy.to(pl_module.device)
 
     @override
@@ -234,10 +236,11 @@ class WeightMerging(ContinualCallback):
 
     # ------------------------------------------------------------------ helpers
     def _merged_tensors(self, pl_module: LightningModule) -> dict[str, Tensor]:
-        """The floating-point tensors this callback merges: all of them but those ``exclude`` names."""
+        """The floating-point tensors this callback merges: all of them but those ``exclude`` names; this rank's
+        shards of sharded ones (a merge is element-wise, and the strategy's state is kept as shards)."""
         tensors = _floating_tensors(pl_module)
         excluded = matching("exclude", self.exclude, tensors, type(pl_module).__name__, noun="tensor")
-        return {name: tensor for name, tensor in tensors.items() if name not in excluded}
+        return {name: local(tensor) for name, tensor in tensors.items() if name not in excluded}
 
     def _strategy_state(self, field: str) -> Any:
         if field not in self.strategy.state_fields:

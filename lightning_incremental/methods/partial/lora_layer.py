@@ -9,6 +9,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from typing_extensions import override
 
+from lightning_incremental.core.sharding import local, shard_of
+
 
 class LowRankAdapters(nn.ModuleList):
     r"""The low-rank update of one linear layer: ``scaling * sum_k B_k A_k dropout(x)``, one ``(A, B)`` pair per set.
@@ -93,4 +95,4 @@ def kaiming_uniform_(weight: Tensor, generator: torch.Generator) -> None:
     bound = 1.0 / math.sqrt(weight[0].numel())
     draw = torch.rand(weight.shape, generator=generator, dtype=torch.float32) * (2 * bound) - bound
     with torch.no_grad():
-        weight.copy_(draw)
+        local(weight).copy_(shard_of(draw, weight))  # a sharded weight: its rank's part of the same draw

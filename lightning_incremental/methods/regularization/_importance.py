@@ -11,6 +11,7 @@ from typing_extensions import override
 
 from lightning_incremental.core import (
     ModelInterface,
+    all_reduce_sum,
     batch_size_of,
     check_interface_argument,
     index_batch,
@@ -19,7 +20,8 @@ from lightning_incremental.core import (
     private_pass,
     task_rows,
 )
-from lightning_incremental.core.per_sample import Reduction, per_sample_grad_sums
+from lightning_incremental.core.per_sample import Reduction, per_sample_grad_sums, without_fast_path
+from lightning_incremental.core.sharding import any_sharded, sum_to_shard
 from lightning_incremental.methods.regularization._quadratic import (
     QuadraticPenalty,
     all_reduce_sums,
@@ -67,6 +69,7 @@ class SampledImportance(QuadraticPenalty):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._checked_task != self.current_task:  # a batch this method cannot use fails now, not at task end
+            self._check_sharded_parameters(pl_module)
             interface = interface_of(pl_module, self.model_interface)
             rows = index_batch(batch, slice(0, 2))
             with torch.no_grad(), private_pass(pl_module), trainer.precision_plugin.forward_context():
@@ -78,6 +81,19 @@ class SampledImportance(QuadraticPenalty):
         limit = self.importance_samples or 256
         while sum(batch_size_of(b) for b in self._recent) - batch_size_of(self._recent[0]) >= limit:
             self._recent.popleft()
+
+    def _check_sharded_parameters(self, pl_module: LightningModule) -> None:
+        """Refuse a sharded parameter that no layer rule covers: its per-sample gradients would need a backward per
+        sample, whose gradient FSDP averages over the ranks."""
+        params = named_trainable_parameters(pl_module)
+        uncovered = [name for name in without_fast_path(pl_module, params) if any_sharded([params[name]])]
+        if uncovered:
+            raise RuntimeError(
+                f"{type(self).__name__} estimates per-sample gradients of a fully_shard-ed model from the inputs and "
+                f"output gradients of its nn.Linear and nn.Conv2d layers, but {uncovered[:5]} (of {len(uncovered)}) "
+                "belong to other layers. Freeze them (`requires_grad_(False)`, or FreezeLayers before this method), "
+                "or train without sharding."
+            )
 
     def estimate_importance(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Tensor]:
         """Mean over samples (and ranks) of ``phi(d loss_n / d theta)`` per trainable parameter."""
@@ -99,7 +115,11 @@ class SampledImportance(QuadraticPenalty):
                 params=params,
                 chunk_size=self.chunk_size,
             )
-        sums, count = all_reduce_sums(sums, count)
+        if any_sharded(params.values()):  # each rank keeps its shard of the sums, reduce-scattered
+            count = int(all_reduce_sum([torch.tensor([float(count)])])[0].item())
+            sums = {name: sum_to_shard(total, params[name]) for name, total in sums.items()}
+        else:
+            sums, count = all_reduce_sums(sums, count)
         if count == 0:
             raise RuntimeError(f"{type(self).__name__} found no training data to estimate the importance from.")
         return {name: total / count for name, total in sums.items()}

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_incremental.core import ContinualCallback, all_reduce_sum, grow_to, should_update_logs
+from lightning_incremental.core.sharding import full_state, is_sharded, local, shard_state
 
 
 def validate_lambda(lambda_: float) -> float:
@@ -39,6 +40,8 @@ class QuadraticPenalty(ContinualCallback):
 
     reads_trained_weights = True
     keeps_optimizer_state = True  # measured: RESULTS.md "The optimizer's state across tasks"
+    # the attributes holding one tensor per parameter name: local shards of a sharded model, full in a checkpoint
+    per_parameter_state: tuple[str, ...] = ("importance", "anchor")
 
     def __init__(self, lambda_: float, consolidate_every_n_steps: int | None = None) -> None:
         super().__init__()
@@ -53,6 +56,8 @@ class QuadraticPenalty(ContinualCallback):
         self._terms: dict[int, tuple[Tensor, Tensor]] = {}  # id(param) -> (lambda * Omega, -lambda * Omega * theta*)
         self._steps = 0  # optimizer steps counted for `consolidate_every_n_steps`
         self._last_global_step = 0
+        self._sharded: dict[str, Tensor] = {}  # the sharded parameters by name: the layout of their state
+        self._state_is_full = False  # loaded from a checkpoint: full tensors, this rank's shards at the next fit
 
     # ------------------------------------------------------------------ what a method implements
     def consolidate(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -89,7 +94,8 @@ class QuadraticPenalty(ContinualCallback):
         selected = [(p, g, self._terms[id(p)]) for p, g in zip(params, grads, strict=True) if id(p) in self._terms]
         if not selected:
             return
-        thetas, grads_in, terms = zip(*selected, strict=True)
+        params_in, grads_in, terms = zip(*selected, strict=True)
+        thetas = [local(p) for p in params_in]
         weights, offsets = [t[0] for t in terms], [t[1] for t in terms]
         torch._foreach_addcmul_(grads_in, thetas, weights, value=scale)
         torch._foreach_add_(grads_in, offsets, alpha=scale)
@@ -99,15 +105,20 @@ class QuadraticPenalty(ContinualCallback):
     # ------------------------------------------------------------------ state
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "importance": self.importance, "anchor": self.anchor, "steps": self._steps}
+        """The state with full tensors, gathered from the ranks' shards of a sharded model (a collective there)."""
+        per_parameter = {
+            attribute: full_state(getattr(self, attribute), self._sharded) for attribute in self.per_parameter_state
+        }
+        return {**super().state_dict(), **per_parameter, "steps": self._steps}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.importance = dict(state_dict["importance"])
-        self.anchor = dict(state_dict["anchor"])
+        for attribute in self.per_parameter_state:
+            setattr(self, attribute, dict(state_dict[attribute]))
         self._steps = int(state_dict["steps"])
         self._terms = {}
+        self._state_is_full = True
 
     # ------------------------------------------------------------------ helpers
     def _consolidate(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -117,12 +128,20 @@ class QuadraticPenalty(ContinualCallback):
     def _build_terms(self, pl_module: LightningModule) -> None:
         """Cache ``lambda * Omega`` and ``-lambda * Omega * theta*`` per live parameter, padded to grown shapes.
 
-        Parameters that did not exist at the last consolidation get no term (zero importance).
+        Parameters that did not exist at the last consolidation get no term (zero importance). A loaded state's
+        full tensors become this rank's shards of a sharded model first; terms are keyed by the local shard.
         """
+        params = dict(pl_module.named_parameters())
+        self._sharded = {name: p for name, p in params.items() if is_sharded(p)}
+        if self._state_is_full:
+            for attribute in self.per_parameter_state:
+                setattr(self, attribute, shard_state(getattr(self, attribute), params))
+            self._state_is_full = False
         self._terms = {}
-        for name, param in pl_module.named_parameters():
+        for name, sharded_param in params.items():
             if name not in self.importance:
                 continue
+            param = local(sharded_param)  # the term's shape, device and dtype: this rank's shard
             importance, anchor = self.importance[name], self.anchor[name]
             if importance.shape != param.shape:
                 try:
@@ -135,7 +154,7 @@ class QuadraticPenalty(ContinualCallback):
                     continue
                 self.importance[name], self.anchor[name] = importance, anchor
             weight = (self.lambda_ * importance).to(device=param.device, dtype=param.dtype)
-            self._terms[id(param)] = (weight, -(weight * anchor.to(weight)))
+            self._terms[id(sharded_param)] = (weight, -(weight * anchor.to(weight)))
 
     def _log_penalty(
         self, pl_module: LightningModule, thetas: tuple[Tensor, ...], weights: list[Tensor], offsets: list[Tensor]
@@ -157,8 +176,8 @@ def named_trainable_parameters(pl_module: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def snapshot(params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
-    """An fp32 copy of the parameters' current values."""
-    return {name: p.detach().float().clone() for name, p in params.items()}
+    """An fp32 copy of the parameters' current values (this rank's shards of sharded ones)."""
+    return {name: local(p).detach().float().clone() for name, p in params.items()}
 
 
 def all_reduce_sums(sums: dict[str, Tensor], count: int) -> tuple[dict[str, Tensor], int]:

@@ -8,6 +8,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_incremental.core import grow_to
+from lightning_incremental.core.sharding import local
 from lightning_incremental.methods.regularization._quadratic import (
     QuadraticPenalty,
     named_trainable_parameters,
@@ -53,6 +54,8 @@ class SI(QuadraticPenalty):
         (True, 2)
     """
 
+    per_parameter_state = (*QuadraticPenalty.per_parameter_state, "path", "start")
+
     def __init__(
         self, lambda_: float = 50.0, epsilon: float = 1.0, consolidate_every_n_steps: int | None = None
     ) -> None:
@@ -71,9 +74,10 @@ class SI(QuadraticPenalty):
         super().place_state(trainer, pl_module)
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
         for name, param in named_trainable_parameters(pl_module).items():  # a grown head: pad the path
-            if name in self.path and self.path[name].shape != param.shape:
-                self.path[name] = grow_to(self.path[name], param.shape)
-                self.start[name] = grow_to(self.start[name], param.shape)
+            shard = local(param)
+            if name in self.path and self.path[name].shape != shard.shape:
+                self.path[name] = grow_to(self.path[name], shard.shape)
+                self.start[name] = grow_to(self.start[name], shard.shape)
 
     @override
     def on_task_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -88,10 +92,10 @@ class SI(QuadraticPenalty):
         if not tracked:
             return
         names = [self._names[id(p)] for p, _ in tracked]
-        for (param, _), name in zip(tracked, names, strict=True):
-            if name not in self._before or self._before[name].shape != param.shape:
-                self._before[name] = torch.empty_like(param)
-        thetas, step_grads = [p for p, _ in tracked], [g for _, g in tracked]
+        thetas, step_grads = [local(p) for p, _ in tracked], [g for _, g in tracked]
+        for theta, name in zip(thetas, names, strict=True):
+            if name not in self._before or self._before[name].shape != theta.shape:
+                self._before[name] = torch.empty_like(theta)
         before = [self._before[name] for name in names]
         torch._foreach_copy_(before, thetas)
         self._pending = (thetas, step_grads, before, [self.path[name] for name in names])
@@ -123,15 +127,6 @@ class SI(QuadraticPenalty):
             self.importance[name] = contribution if old is None else grow_to(old, theta.shape) + contribution
             self.anchor[name] = theta
         self._restart_path(pl_module)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "path": self.path, "start": self.start}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.path, self.start = dict(state_dict["path"]), dict(state_dict["start"])
 
     def _restart_path(self, pl_module: LightningModule) -> None:
         params = named_trainable_parameters(pl_module)

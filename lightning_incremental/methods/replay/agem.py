@@ -11,15 +11,17 @@ from typing_extensions import override
 
 from lightning_incremental.buffers import PadValue
 from lightning_incremental.core import ModelInterface, Step, StepChain, all_reduce_sum
+from lightning_incremental.core.sharding import any_sharded, local
 from lightning_incremental.methods.replay._base import Fill, PolicyChoice, ReplayMethod
 
 LossFn = Callable[[LightningModule, Any], Tensor]
 
 
-def project_conflicting(grads: list[Tensor], references: list[Tensor]) -> Tensor:
+def project_conflicting(grads: list[Tensor], references: list[Tensor], sharded: bool = False) -> Tensor:
     """A-GEM's projection, in place: if ``g . r < 0`` then ``g <- g - (g . r / r . r) r``, over all tensors at once.
 
-    Returns whether it projected, as a device tensor (no host sync).
+    With ``sharded``, the tensors are this rank's shards and the dot products are summed over the ranks (a
+    collective). Returns whether it projected, as a device tensor (no host sync).
 
     >>> g, r = [torch.tensor([1.0, -2.0])], [torch.tensor([0.0, 1.0])]
     >>> project_conflicting(g, r), g
@@ -27,6 +29,8 @@ def project_conflicting(grads: list[Tensor], references: list[Tensor]) -> Tensor
     """
     dot = torch.stack([(g * r).sum() for g, r in zip(grads, references, strict=True)]).sum()
     norm = torch.stack([r.square().sum() for r in references]).sum()
+    if sharded:
+        dot, norm = all_reduce_sum([dot, norm])
     coefficient = dot.clamp(max=0) / norm.clamp_min(1e-12)
     torch._foreach_add_(grads, torch._foreach_mul(references, -coefficient))
     return dot < 0
@@ -119,6 +123,10 @@ class AGEM(ReplayMethod):
             loss = self._reference_loss(pl_module, replayed)
         if loss is None:  # the user's training_step skipped these rows
             return
+        if any_sharded(params):
+            projected = project_conflicting(grads, _sharded_gradient(pl_module, params, loss), sharded=True)
+            self._projected = self._projected.to(projected.device) + projected
+            return
         references = torch.autograd.grad(loss, params, allow_unused=True)
         references = [
             torch.zeros_like(p) if r is None else r.to(g.dtype)
@@ -151,3 +159,19 @@ class AGEM(ReplayMethod):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.projections = int(state_dict["projections"])
+
+
+def _sharded_gradient(pl_module: LightningModule, params: list[Tensor], loss: Tensor) -> list[Tensor]:
+    """This rank's shards of the gradient of ``loss``, averaged over the ranks: a backward through FSDP, which
+    reduce-scatters it (the sharded parameters are not in the autograd graph, ``torch.autograd.grad`` cannot reach
+    them). The parameters' own gradients are put back as they were."""
+    every = list(pl_module.parameters())
+    saved = [p.grad for p in every]
+    for p in every:
+        p.grad = None
+    try:
+        loss.backward()
+        return [torch.zeros_like(local(p)) if p.grad is None else local(p.grad).clone() for p in params]
+    finally:
+        for p, grad in zip(every, saved, strict=True):
+            p.grad = grad

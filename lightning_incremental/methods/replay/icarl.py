@@ -172,7 +172,9 @@ class ICaRL(ReplayMethod):
 
     @property
     def old_model(self) -> nn.Module | None:
-        """The frozen copy of the model at the last task end (``None`` before the first task ends)."""
+        """The frozen copy of the model at the last task end (``None`` before the first task ends, and for a
+        ``fully_shard``-ed model, whose old weights are kept as shards by
+        :class:`~lightning_incremental.core.OldModel`)."""
         return self.old.module
 
     @property
@@ -202,7 +204,7 @@ class ICaRL(ReplayMethod):
             k = self.replay_batch_size or max(1, round(self.ratio * batch_size_of(batch)))
             extended = self.concat(batch, self.replay(batch, k)[0])
         output = step(extended)
-        if output is None or self.old.module is None or self.alpha == 0:
+        if output is None or not self.old.kept or self.alpha == 0:
             return output
         new_logits = step.logits_for(extended)
         old_logits = self.old.logits(trainer, extended, interface_of(pl_module, self.model_interface))
