@@ -30,6 +30,7 @@ from lightning_incremental.core import (
     interface_of,
     task_of,
 )
+from lightning_incremental.core.sharding import is_model_parallel
 
 NEEDS_CLASS_LABELS = (
     "Class-incremental heads need integer class labels: for real-valued (regression) targets use a fixed output "
@@ -207,6 +208,13 @@ class GrowHeads(ContinualCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        if is_model_parallel(trainer):
+            raise RuntimeError(
+                "GrowHeads replaces a head's parameters by larger ones at every task, and fully_shard fixes a "
+                "module's parameters when it shards them. Under ModelParallelStrategy build the head with every class "
+                "of the stream from the start (e.g. `nn.Linear(features, num_classes)` or "
+                "`IncrementalClassifier(features, num_classes)`) and train without GrowHeads."
+            )
         task = task_of(trainer)
         heads = [m for m in pl_module.modules() if isinstance(m, IncrementalClassifier | MultiHeadClassifier)]
         if not heads:

@@ -37,6 +37,16 @@ from lightning_incremental.core.optimizer_state import (
     optimizer_state_carrier,
 )
 from lightning_incremental.core.passes import eval_mode, own_pass, private_pass, rows_of, task_rows
+from lightning_incremental.core.sharding import (
+    any_sharded,
+    full_state,
+    gather_full,
+    is_sharded,
+    local,
+    shard_of,
+    shard_state,
+    sum_to_shard,
+)
 from lightning_incremental.core.state import assign_state_keys
 from lightning_incremental.core.step_chain import Step, StepChain, add_to_loss
 from lightning_incremental.core.targets import IGNORE_INDEX, are_class_labels
@@ -57,6 +67,7 @@ __all__ = [
     "TaskCheckpoint",
     "add_to_loss",
     "all_reduce_sum",
+    "any_sharded",
     "are_class_labels",
     "assign_state_keys",
     "batch_leaves",
@@ -70,12 +81,16 @@ __all__ = [
     "distillation_loss",
     "eval_mode",
     "frozen_copy",
+    "full_state",
+    "gather_full",
     "grow_param_state",
     "grow_to",
     "head_by_name",
     "index_batch",
     "interface_of",
     "is_growth",
+    "is_sharded",
+    "local",
     "logging_step",
     "logits_producers",
     "optimizer_state_carrier",
@@ -84,10 +99,13 @@ __all__ = [
     "rank_and_world_size",
     "resolve_submodule",
     "rows_of",
+    "shard_of",
+    "shard_state",
     "should_update_logs",
     "spawned_launcher",
     "split_batch",
     "split_inputs",
+    "sum_to_shard",
     "task_labels_of",
     "task_of",
     "task_rows",

@@ -36,7 +36,7 @@ from typing_extensions import override
 from lightning_incremental.core import _lightning
 from lightning_incremental.core.interface import ModelInterface
 from lightning_incremental.core.optimizer_state import CarriedOptimizerState, optimizer_state_carrier
-from lightning_incremental.core.sharding import local
+from lightning_incremental.core.sharding import local, refuse_unsupported_strategy
 from lightning_incremental.core.state import assign_state_keys, carry_state_to_main_process, register_instance
 from lightning_incremental.core.step_chain import Step, StepChain
 from lightning_incremental.scenarios.stream import TaskDataset
@@ -251,6 +251,7 @@ class ContinualCallback(Callback):
         assign_state_keys(trainer.callbacks)
         if stage != "fit":
             return
+        refuse_unsupported_strategy(trainer, type(self).__name__)
         self._carries_optimizer_state = optimizer_state_carrier(trainer.callbacks) is self
         if self._carries_optimizer_state and self._carried is None:
             self._carried = CarriedOptimizerState()

@@ -15,6 +15,8 @@ this rank's shard again in ``place_state`` (:func:`shard_of`), on any number of 
 from collections.abc import Iterable
 
 import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Partial, distribute_tensor
 
@@ -125,3 +127,46 @@ def shard_state(full: dict[str, Tensor], params: dict[str, Tensor]) -> dict[str,
             tensor = shard_of(grow_to(tensor, param.shape), param)
         placed[name] = tensor
     return placed
+
+
+SHARDING_FIX = (
+    "Shard with `ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1)` and "
+    "`torch.distributed.fsdp.fully_shard(module, mesh=self.device_mesh['data_parallel'])` in `configure_model` "
+    "(FSDP2), where every method runs"
+)
+
+
+def is_model_parallel(trainer: Trainer) -> bool:
+    """Whether the Trainer runs under ``ModelParallelStrategy`` (FSDP2 and tensor parallelism)."""
+    return isinstance(trainer.strategy, ModelParallelStrategy)
+
+
+def refuse_unsupported_strategy(trainer: Trainer, method: str) -> None:
+    """Refuse, before the first step and with the fix, a strategy under which ``method`` cannot work.
+
+    - Lightning's ``FSDPStrategy`` (FSDP1) flattens a module's parameters into one ``FlatParameter``, and DeepSpeed
+      keeps parameters, gradients and optimizer state behind its engine: per-parameter state and gradient terms do
+      not reach them.
+    - ``ModelParallelStrategy`` with a tensor-parallel dimension: its ranks share their rows of data, while the
+      methods count every rank as a data-parallel one with rows of its own (replay buffers, importance estimates,
+      evaluation). Its default ``"auto"`` sizes give one node's devices to tensor parallelism.
+    """
+    strategy = type(trainer.strategy)
+    names = {cls.__name__ for cls in strategy.__mro__}
+    for refused, why in (
+        ("FSDPStrategy", "flattens each wrapped module's parameters into one FlatParameter (FSDP1)"),
+        ("DeepSpeedStrategy", "keeps parameters, gradients and optimizer states inside its ZeRO engine"),
+    ):
+        if refused in names:
+            raise RuntimeError(
+                f"{method} keeps state per parameter and acts on each parameter's gradient, which {strategy.__name__} "
+                f"does not expose: it {why}. {SHARDING_FIX}."
+            )
+    if is_model_parallel(trainer):
+        tensor_parallel = trainer.strategy.device_mesh["tensor_parallel"].size()
+        if tensor_parallel > 1:
+            raise RuntimeError(
+                f"{method} counts every rank as a data-parallel one with rows of its own, but this "
+                f"ModelParallelStrategy gives {tensor_parallel} ranks to tensor parallelism (`tensor_parallel_size`; "
+                f"'auto' gives it every device of a node), which share their rows. {SHARDING_FIX}."
+            )

@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from lightning_incremental.core import batchnorms_without_training
 from lightning_incremental.core.selection import Pattern, as_patterns, matching
+from lightning_incremental.core.sharding import is_model_parallel
 from lightning_incremental.methods.partial._base import PartialTraining
 from lightning_incremental.methods.partial.lora_injection import (
     check_peft,
@@ -199,6 +200,12 @@ class LoRA(PartialTraining):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.mode == "per_task" and is_model_parallel(trainer):
+            raise RuntimeError(
+                "LoRA(mode='per_task') adds a set of adapters at every task, and fully_shard fixes a module's "
+                "parameters when it shards them. Under ModelParallelStrategy use LoRA(mode='merge'), whose one set of "
+                "adapters is added before the first task and restarts fresh after each merge."
+            )
         had_adapters = bool(own_adapters(pl_module))
         self.inject(pl_module)  # on every stage, so a checkpoint of the adapted model loads
         if self.adapter_sets and not had_adapters and own_adapters(pl_module):

@@ -48,8 +48,9 @@ class SampledImportance(QuadraticPenalty):
         model_interface: ModelInterface | None,
         chunk_size: int,
         consolidate_every_n_steps: int | None,
+        state_dtype: torch.dtype | str | None,
     ) -> None:
-        super().__init__(lambda_, consolidate_every_n_steps)
+        super().__init__(lambda_, consolidate_every_n_steps, state_dtype)
         if importance_samples is not None and importance_samples < 1:
             raise ValueError(
                 f"`importance_samples` must be a positive integer or None (the whole task), got {importance_samples}."

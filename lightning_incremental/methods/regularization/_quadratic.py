@@ -26,6 +26,21 @@ def validate_lambda(lambda_: float) -> float:
     return float(lambda_)
 
 
+def validate_state_dtype(state_dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A floating-point dtype, given as one or by its name (``"bfloat16"``, as a YAML config spells it), or ``None``.
+
+    >>> validate_state_dtype("bfloat16")
+    torch.bfloat16
+    """
+    dtype = getattr(torch, state_dtype, None) if isinstance(state_dtype, str) else state_dtype
+    if state_dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(
+            f"`state_dtype` must be a floating-point torch.dtype or its name (torch.bfloat16, 'bfloat16') or None, "
+            f"got {state_dtype!r}."
+        )
+    return dtype
+
+
 class QuadraticPenalty(ContinualCallback):
     """Base class: holds ``importance`` and ``anchor`` per parameter name and adds the penalty's gradient.
 
@@ -36,6 +51,9 @@ class QuadraticPenalty(ContinualCallback):
     Args:
         lambda_: the penalty strength.
         consolidate_every_n_steps: also consolidate every N optimizer steps (task-free, online use).
+        state_dtype: the dtype of the importance, the anchor and the cached penalty terms (e.g. ``torch.bfloat16``:
+            half their bytes; ``benchmarks/RESULTS.md``, "Sharded models", measures the accuracy); ``None`` keeps
+            the importance and the anchor in fp32 and the terms in the parameters' dtype.
     """
 
     reads_trained_weights = True
@@ -43,9 +61,12 @@ class QuadraticPenalty(ContinualCallback):
     # the attributes holding one tensor per parameter name: local shards of a sharded model, full in a checkpoint
     per_parameter_state: tuple[str, ...] = ("importance", "anchor")
 
-    def __init__(self, lambda_: float, consolidate_every_n_steps: int | None = None) -> None:
+    def __init__(
+        self, lambda_: float, consolidate_every_n_steps: int | None = None, state_dtype: torch.dtype | str | None = None
+    ) -> None:
         super().__init__()
         self.lambda_ = validate_lambda(lambda_)
+        self.state_dtype = validate_state_dtype(state_dtype)
         if consolidate_every_n_steps is not None and consolidate_every_n_steps < 1:
             raise ValueError(
                 f"`consolidate_every_n_steps` must be a positive integer or None, got {consolidate_every_n_steps}."
@@ -123,6 +144,9 @@ class QuadraticPenalty(ContinualCallback):
     # ------------------------------------------------------------------ helpers
     def _consolidate(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.consolidate(trainer, pl_module)
+        if self.state_dtype is not None:
+            self.importance = {name: t.to(self.state_dtype) for name, t in self.importance.items()}
+            self.anchor = {name: t.to(self.state_dtype) for name, t in self.anchor.items()}
         self._build_terms(pl_module)
 
     def _build_terms(self, pl_module: LightningModule) -> None:
@@ -153,7 +177,7 @@ class QuadraticPenalty(ContinualCallback):
                     )
                     continue
                 self.importance[name], self.anchor[name] = importance, anchor
-            weight = (self.lambda_ * importance).to(device=param.device, dtype=param.dtype)
+            weight = (self.lambda_ * importance).to(device=param.device, dtype=self.state_dtype or param.dtype)
             self._terms[id(sharded_param)] = (weight, -(weight * anchor.to(weight)))
 
     def _log_penalty(

@@ -57,6 +57,9 @@ class EWC(SampledImportance):
         chunk_size: samples per chunk of the per-sample gradient computation (bounds memory).
         consolidate_every_n_steps: also consolidate every N optimizer steps, on the most recent batches
             (task-free use; pair with ``mode="online"``).
+        state_dtype: the dtype of the importance, the anchor and the cached penalty terms (e.g. ``torch.bfloat16``:
+            half their bytes; ``benchmarks/RESULTS.md``, "Sharded models", measures the accuracy); ``None`` keeps
+            the importance and the anchor in fp32 and the terms in the parameters' dtype.
 
     Example::
 
@@ -82,8 +85,11 @@ class EWC(SampledImportance):
         model_interface: ModelInterface | None = None,
         chunk_size: int = 64,
         consolidate_every_n_steps: int | None = None,
+        state_dtype: torch.dtype | str | None = None,
     ) -> None:
-        super().__init__(lambda_, importance_samples, model_interface, chunk_size, consolidate_every_n_steps)
+        super().__init__(
+            lambda_, importance_samples, model_interface, chunk_size, consolidate_every_n_steps, state_dtype
+        )
         if mode not in ("separate", "online"):
             raise ValueError(f"`mode` must be 'separate' or 'online', got {mode!r}.")
         if fisher not in ("empirical", "true"):

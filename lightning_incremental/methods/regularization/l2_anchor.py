@@ -22,6 +22,9 @@ class L2Anchor(QuadraticPenalty):
         lambda_: penalty strength (>= 0). Default ``0.1``, the best mean final accuracy of the regularization
             sweep on the permuted digits stream (``benchmarks/RESULTS.md``, "The regularization methods' defaults").
         consolidate_every_n_steps: also move the anchor every N optimizer steps (task-free use).
+        state_dtype: the dtype of the importance, the anchor and the cached penalty terms (e.g. ``torch.bfloat16``:
+            half their bytes; ``benchmarks/RESULTS.md``, "Sharded models", measures the accuracy); ``None`` keeps
+            the importance and the anchor in fp32 and the terms in the parameters' dtype.
 
     Example::
 
@@ -36,8 +39,13 @@ class L2Anchor(QuadraticPenalty):
         True
     """
 
-    def __init__(self, lambda_: float = 0.1, consolidate_every_n_steps: int | None = None) -> None:
-        super().__init__(lambda_, consolidate_every_n_steps)
+    def __init__(
+        self,
+        lambda_: float = 0.1,
+        consolidate_every_n_steps: int | None = None,
+        state_dtype: torch.dtype | str | None = None,
+    ) -> None:
+        super().__init__(lambda_, consolidate_every_n_steps, state_dtype)
 
     @override
     def consolidate(self, trainer: Trainer, pl_module: LightningModule) -> None:

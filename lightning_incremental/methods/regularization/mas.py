@@ -2,6 +2,7 @@
 
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
@@ -35,6 +36,9 @@ class MAS(SampledImportance):
             :class:`~lightning_incremental.ModelInterface`'s defaults.
         chunk_size: samples per chunk of the per-sample gradient computation.
         consolidate_every_n_steps: also consolidate every N optimizer steps, on the most recent batches.
+        state_dtype: the dtype of the importance, the anchor and the cached penalty terms (e.g. ``torch.bfloat16``:
+            half their bytes; ``benchmarks/RESULTS.md``, "Sharded models", measures the accuracy); ``None`` keeps
+            the importance and the anchor in fp32 and the terms in the parameters' dtype.
 
     Example::
 
@@ -60,8 +64,11 @@ class MAS(SampledImportance):
         model_interface: ModelInterface | None = None,
         chunk_size: int = 64,
         consolidate_every_n_steps: int | None = None,
+        state_dtype: torch.dtype | str | None = None,
     ) -> None:
-        super().__init__(lambda_, importance_samples, model_interface, chunk_size, consolidate_every_n_steps)
+        super().__init__(
+            lambda_, importance_samples, model_interface, chunk_size, consolidate_every_n_steps, state_dtype
+        )
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"`alpha` must be in [0, 1], got {alpha}.")
         self.alpha = float(alpha)

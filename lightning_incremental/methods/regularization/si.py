@@ -38,6 +38,10 @@ class SI(QuadraticPenalty):
         lambda_: penalty strength (>= 0).
         epsilon: damping of the importance's denominator (> 0).
         consolidate_every_n_steps: also consolidate every N optimizer steps (task-free use).
+        state_dtype: the dtype of the importance, the anchor and the cached penalty terms (e.g. ``torch.bfloat16``:
+            half their bytes; ``benchmarks/RESULTS.md``, "Sharded models", measures the accuracy); the path
+            integral and the start weights stay fp32. ``None`` keeps the importance and the anchor in fp32 and the
+            terms in the parameters' dtype.
 
     Example::
 
@@ -57,9 +61,13 @@ class SI(QuadraticPenalty):
     per_parameter_state = (*QuadraticPenalty.per_parameter_state, "path", "start")
 
     def __init__(
-        self, lambda_: float = 50.0, epsilon: float = 1.0, consolidate_every_n_steps: int | None = None
+        self,
+        lambda_: float = 50.0,
+        epsilon: float = 1.0,
+        consolidate_every_n_steps: int | None = None,
+        state_dtype: torch.dtype | str | None = None,
     ) -> None:
-        super().__init__(lambda_, consolidate_every_n_steps)
+        super().__init__(lambda_, consolidate_every_n_steps, state_dtype)
         if not epsilon > 0:
             raise ValueError(f"`epsilon` must be > 0 (it keeps the importance finite), got {epsilon}.")
         self.epsilon = float(epsilon)

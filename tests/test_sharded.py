@@ -1,0 +1,315 @@
+"""Every cataloged method on a sharded model: FSDP2 (``fully_shard``) under Lightning's ``ModelParallelStrategy``, on 2
+CPU processes (gloo), with the same data as the DDP run of the conformance suite. Each method must
+
+- train 2 tasks and end with the weights and the accuracy of its DDP run on the same data (within 0.02; the
+  weights to 1e-5);
+- resume from a checkpoint saved in the middle of its second task, distributed (a folder of shards) and full (one
+  file), in a new model with new callback instances, and end exactly where the uninterrupted sharded run ends;
+- keep per-parameter state sharded like the parameters (a rank holds half of it) and gather it whole into a
+  checkpoint, the same on both ranks.
+
+And, for the methods built on per-sample gradients and gradient terms:
+
+- EWC's Fisher and MAS's importance from 2 ranks equal the single-process estimate on the same rows (1e-5 relative);
+- EWC's gradient term on the sharded parameters equals the autograd gradient of its penalty (1e-6).
+
+Strategies a method cannot work under are refused at setup, naming ModelParallelStrategy. All of it runs in one
+process group of 2 workers, started once for the module (``run_like_torchrun``).
+"""
+
+import types
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from harness import (
+    QUIET,
+    assert_same_state,
+    assert_same_weights,
+    run_like_torchrun,
+    stream_for,
+    tiny_mlp,
+    train_loader,
+)
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn import functional as F
+
+from lightning_incremental import EWC, MAS, ContinualEvaluation, ExperienceReplay, GrowHeads, LoRA, MLPClassifier
+from lightning_incremental.catalog import registry
+from lightning_incremental.core import local, shard_of
+from lightning_incremental.core.per_sample import per_sample_grad_sums
+
+METHODS = list(registry().values())
+TASKS = 2
+
+
+class ShardedMLP(MLPClassifier):
+    """The conformance suite's MLP, each linear layer and the whole model ``fully_shard``-ed over the data-parallel
+    ranks: what a user writes in ``configure_model`` (which runs at every fit: shard once)."""
+
+    def configure_model(self) -> None:
+        if isinstance(next(self.parameters()), DTensor):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
+def sharding(save_distributed_checkpoint: bool = True) -> ModelParallelStrategy:
+    return ModelParallelStrategy(
+        data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=save_distributed_checkpoint
+    )
+
+
+def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights, whole (gathered from the shards: every rank calls it)."""
+    return {
+        name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+        for name, t in model.state_dict().items()
+    }
+
+
+def fresh(stream, sharded: bool, seed: int = 0) -> MLPClassifier:
+    """The conformance suite's tiny MLP, sharded or not: the same initial weights for the same seed."""
+    if not sharded:
+        L.seed_everything(seed, verbose=False)
+        return tiny_mlp(stream)
+    L.seed_everything(seed, verbose=False)
+    return ShardedMLP(stream[0].train[0][0].numel(), stream.num_classes, hidden=(32,), lr=1e-2)
+
+
+def fit(epochs: int, callbacks: list[Callback], strategy: Any, **kwargs: Any) -> L.Trainer:
+    return L.Trainer(max_epochs=epochs, callbacks=callbacks, strategy=strategy, devices=2, **{**QUIET, **kwargs})
+
+
+class _Crash(Callback):
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 1:
+            raise KeyError("simulated crash")
+
+
+class _Gradients(Callback):
+    """The local gradient shards at ``on_before_optimizer_step`` (before or after the methods listed before it)."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self.grads:
+            named = dict(pl_module.named_parameters())
+            self.grads = {n: p.grad.full_tensor().clone() for n, p in named.items() if p.grad is not None}
+            self.weights = {n: p.full_tensor().detach().clone() for n, p in named.items()}
+
+
+def _run(spec, stream, sharded: bool) -> dict[str, Any]:
+    model, methods, evaluation = fresh(stream, sharded), spec.callbacks(), ContinualEvaluation(stream)
+    for task in list(stream_for(spec, stream))[:TASKS]:
+        fit(2, [*methods, evaluation], sharding() if sharded else "ddp").fit(model, train_loader(task))
+    return {
+        "weights": full_weights(model),
+        "row": evaluation.matrix[-1],
+        "matrix": evaluation.matrix,
+        "methods": [callback.state_dict() for callback in methods],
+        "local_state": _local_state_numel(methods),
+    }
+
+
+def _local_state_numel(methods: list[Callback]) -> dict[str, int]:
+    """Per method, the entries of its per-parameter state this rank holds."""
+    held = {}
+    for callback in methods:
+        for attribute in getattr(callback, "per_parameter_state", ()):
+            held[f"{type(callback).__name__}.{attribute}"] = sum(
+                t.numel() for t in getattr(callback, attribute).values()
+            )
+    return held
+
+
+def _resumed(spec, stream, save_distributed_checkpoint: bool, directory: Path) -> dict[str, Any]:
+    """Crash in the middle of the second task (the first for a closed-form head, which trains only on the first),
+    resume from the last epoch's checkpoint in a new model with new callbacks."""
+    tasks = list(stream_for(spec, stream))[:TASKS]
+    crashed = 0 if spec.family == "pretrained" else 1
+    model, methods, evaluation = fresh(stream, True), spec.callbacks(), ContinualEvaluation(stream)
+    for task in tasks[:crashed]:
+        fit(2, [*methods, evaluation], sharding()).fit(model, train_loader(task))
+    checkpoint = ModelCheckpoint(dirpath=directory, filename="{epoch}", save_top_k=-1, save_on_train_epoch_end=True)
+    crashing = fit(
+        2,
+        [*methods, evaluation, checkpoint, _Crash()],
+        sharding(save_distributed_checkpoint),
+        enable_checkpointing=True,
+    )
+    with pytest.raises(KeyError, match="simulated crash"):
+        crashing.fit(model, train_loader(tasks[crashed]))
+    model, methods, evaluation = fresh(stream, True, seed=123), spec.callbacks(), ContinualEvaluation(stream)
+    L.seed_everything(0, verbose=False)  # the job's seed, which the distributed sampler's order follows
+    for index, task in enumerate(tasks[crashed:]):
+        path = directory / "epoch=0.ckpt" if index == 0 else None
+        fit(2, [*methods, evaluation], sharding()).fit(model, train_loader(task), ckpt_path=path)
+    return {"weights": full_weights(model), "matrix": evaluation.matrix}
+
+
+def _importances(stream) -> dict[str, Any]:
+    """EWC's Fisher and MAS's importance after one sharded task, with the weights they were estimated at."""
+    found = {}
+    for method in (EWC(), MAS()):
+        model = fresh(stream, True)
+        fit(1, [method], sharding()).fit(model, train_loader(stream[0]))
+        found[type(method).__name__] = {"importance": method.state_dict()["importance"], "weights": full_weights(model)}
+    return found
+
+
+def _gradient_term(stream) -> dict[str, Any]:
+    """EWC's term in one step of the second task, the weights moved off its anchor first."""
+    model, ewc = fresh(stream, True), EWC(lambda_=50.0)
+    fit(1, [ewc], sharding()).fit(model, train_loader(stream[0]))
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            local(p).add_(shard_of(0.1 * torch.randn(p.shape, generator=generator), p))
+    state = ewc.state_dict()  # the penalty of the next task (its end consolidates again)
+    before, after = _Gradients(), _Gradients()
+    fit(1, [before, ewc, after], sharding(), max_steps=1).fit(model, train_loader(stream[1]))
+    return {
+        "weights": before.weights,
+        "before": before.grads,
+        "after": after.grads,
+        "importance": state["importance"],
+        "anchor": state["anchor"],
+    }
+
+
+def _refusals(stream) -> dict[str, str]:
+    refused = {}
+    for name, method, model, strategy in (
+        (
+            "tensor_parallel",
+            EWC(),
+            fresh(stream, False),
+            ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2),
+        ),
+        ("grow_heads", GrowHeads(), MLPClassifier(16, 2, head="incremental"), sharding()),
+        ("lora_per_task", LoRA(module_types=nn.Linear, mode="per_task"), fresh(stream, True), sharding()),
+    ):
+        try:
+            fit(1, [method], strategy).fit(model, train_loader(stream[0]))
+            refused[name] = ""
+        except RuntimeError as error:
+            refused[name] = str(error)
+    return refused
+
+
+def _worker(rank: int, out_dir: Path) -> None:
+    from lightning_incremental.scenarios import synthetic_stream
+
+    stream = synthetic_stream("split", n_tasks=3, classes_per_task=2)
+    results: dict[str, Any] = {"methods": {}}
+    for spec in METHODS:
+        results["methods"][spec.name] = {
+            "sharded": _run(spec, stream, sharded=True),
+            "ddp": _run(spec, stream, sharded=False),
+            "resumed_distributed": _resumed(spec, stream, True, out_dir / spec.name / "distributed"),
+            "resumed_full": _resumed(spec, stream, False, out_dir / spec.name / "full"),
+        }
+    results["importances"] = _importances(stream)
+    results["gradient_term"] = _gradient_term(stream)
+    results["refusals"] = _refusals(stream)
+    torch.save(results, out_dir / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory) -> tuple[dict[str, Any], dict[str, Any]]:
+    out_dir = tmp_path_factory.mktemp("sharded")
+    run_like_torchrun(_worker, out_dir)
+    return tuple(torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in (0, 1))
+
+
+@pytest.fixture(params=METHODS, ids=[spec.name for spec in METHODS])
+def spec(request):
+    return request.param
+
+
+def test_two_sharded_tasks_end_where_ddp_ends(spec, sharded_runs):
+    run = sharded_runs[0]["methods"][spec.name]
+    sharded, ddp = run["sharded"], run["ddp"]
+    assert len(sharded["matrix"]) == TASKS
+    assert max(abs(a - b) for a, b in zip(sharded["row"], ddp["row"], strict=True)) <= 0.02
+    assert_same_weights(sharded["weights"], ddp["weights"], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["distributed", "full"])
+def test_a_mid_task_resume_ends_exactly_where_the_uninterrupted_run_ends(spec, sharded_runs, kind):
+    run = sharded_runs[0]["methods"][spec.name]
+    assert_same_weights(run["sharded"]["weights"], run[f"resumed_{kind}"]["weights"], atol=0)
+    assert run[f"resumed_{kind}"]["matrix"] == run["sharded"]["matrix"]
+
+
+def test_state_is_sharded_on_the_ranks_and_whole_in_the_checkpoint(spec, sharded_runs):
+    ranks = [sharded["methods"][spec.name]["sharded"] for sharded in sharded_runs]
+    assert_same_state(ranks[0]["methods"], ranks[1]["methods"])  # gathered whole: the same on both ranks
+    ddp = sharded_runs[0]["methods"][spec.name]["ddp"]
+    for attribute, held in ranks[0]["local_state"].items():  # a rank holds about half of the whole state
+        whole = ddp["local_state"][attribute]
+        assert held + ranks[1]["local_state"][attribute] == whole
+        assert held <= 0.55 * whole, f"{attribute}: rank 0 holds {held} of {whole} entries"
+
+
+@pytest.mark.parametrize("method", ["EWC", "MAS"])
+def test_importance_from_two_ranks_equals_the_single_process_estimate(method, sharded_runs, split_stream):
+    found = sharded_runs[0]["importances"][method]
+    model = tiny_mlp(split_stream)
+    model.load_state_dict(found["weights"])
+    model.eval()
+    inputs, targets = (torch.stack(column) for column in zip(*split_stream[0].train, strict=True))
+    if method == "EWC":  # the empirical Fisher: squared per-sample gradients of the loss
+        loss, reduction = (lambda out, batch: F.cross_entropy(out, batch[1], reduction="none")), "square"
+    else:  # MAS: absolute per-sample gradients of the squared output norm
+        loss, reduction = (lambda out, batch: out.square().sum(-1)), "abs"
+    sums, count = per_sample_grad_sums(model, [(inputs, targets)], loss, lambda m, b: m(b[0]), reduction=reduction)
+    assert count == len(split_stream[0].train)
+    for name, total in sums.items():
+        torch.testing.assert_close(found["importance"][name], total / count, rtol=1e-5, atol=1e-12)
+
+
+def test_the_gradient_term_on_sharded_parameters_is_the_penalty_s_autograd_gradient(sharded_runs):
+    found = sharded_runs[0]["gradient_term"]
+    for name, weight in found["weights"].items():
+        theta = weight.clone().requires_grad_(True)
+        penalty = 0.5 * 50.0 * (found["importance"][name] * (theta - found["anchor"][name]).square()).sum()
+        (expected,) = torch.autograd.grad(penalty, theta)
+        assert expected.abs().max() > 1e-4  # the weights were moved off the anchor: a term to compare
+        torch.testing.assert_close(found["after"][name] - found["before"][name], expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("refusal", "names"),
+    [
+        ("tensor_parallel", ["tensor_parallel_size", "ModelParallelStrategy(data_parallel_size"]),
+        ("grow_heads", ["GrowHeads", "ModelParallelStrategy"]),
+        ("lora_per_task", ["mode='per_task'", "mode='merge'"]),
+    ],
+)
+def test_what_cannot_run_sharded_is_refused_with_the_fix(refusal, names, sharded_runs):
+    message = sharded_runs[0]["refusals"][refusal]
+    assert all(name in message for name in names), message
+
+
+@pytest.mark.parametrize("strategy", [FSDPStrategy, DeepSpeedStrategy])
+@pytest.mark.parametrize("method", [EWC, ExperienceReplay])
+def test_fsdp1_and_deepspeed_are_refused_at_setup_naming_model_parallel_strategy(strategy, method, split_stream):
+    # neither runs on a CPU machine (FSDPStrategy asks for CUDA, DeepSpeed is not installed): a Trainer stand-in
+    callback = method()
+    trainer = types.SimpleNamespace(strategy=object.__new__(strategy), callbacks=[callback])
+    with pytest.raises(RuntimeError, match=r"ModelParallelStrategy\(data_parallel_size=<devices>"):
+        callback.setup(trainer, tiny_mlp(split_stream), "fit")
