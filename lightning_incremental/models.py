@@ -8,17 +8,21 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
+from torch.distributed.fsdp import fully_shard
 from torch.nn import functional as F
 from typing_extensions import override
 
 from lightning_incremental.core.batch import split_batch, task_labels_of
+from lightning_incremental.core.sharding import any_sharded
 from lightning_incremental.heads import IncrementalClassifier, MultiHeadClassifier
 
 
 class MLPClassifier(LightningModule):
     """A plain LightningModule: an MLP trained with cross-entropy and Adam.
 
-    Nothing in it knows about continual learning: the methods are callbacks added to its Trainer.
+    Nothing in it knows about continual learning: the methods are callbacks added to its Trainer. Under
+    ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)`` it shards itself (FSDP2,
+    :meth:`configure_model`).
 
     Args:
         in_features: input size; inputs are flattened.
@@ -78,6 +82,18 @@ class MLPClassifier(LightningModule):
         loss = F.cross_entropy(logits, y)
         self.log("train_loss", loss, prog_bar=True)
         return loss
+
+    @override
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``, shard each linear layer and then the whole model over the data-parallel
+        ranks (FSDP2's ``fully_shard``), once: Lightning calls this at every fit. Nothing under other strategies."""
+        if self.device_mesh is None or any_sharded(self.parameters()):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:

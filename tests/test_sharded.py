@@ -17,6 +17,8 @@ Strategies a method cannot work under are refused at setup, naming ModelParallel
 process group of 2 workers, started once for the module (``run_like_torchrun``).
 """
 
+import subprocess
+import sys
 import types
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,6 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 
@@ -48,20 +49,6 @@ from lightning_incremental.core.per_sample import per_sample_grad_sums
 
 METHODS = list(registry().values())
 TASKS = 2
-
-
-class ShardedMLP(MLPClassifier):
-    """The conformance suite's MLP, each linear layer and the whole model ``fully_shard``-ed over the data-parallel
-    ranks: what a user writes in ``configure_model`` (which runs at every fit: shard once)."""
-
-    def configure_model(self) -> None:
-        if isinstance(next(self.parameters()), DTensor):
-            return
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self, mesh=mesh)
 
 
 def sharding(save_distributed_checkpoint: bool = True) -> ModelParallelStrategy:
@@ -78,13 +65,10 @@ def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def fresh(stream, sharded: bool, seed: int = 0) -> MLPClassifier:
-    """The conformance suite's tiny MLP, sharded or not: the same initial weights for the same seed."""
-    if not sharded:
-        L.seed_everything(seed, verbose=False)
-        return tiny_mlp(stream)
+def fresh(stream, seed: int = 0) -> MLPClassifier:
+    """The conformance suite's tiny MLP (it shards itself under ModelParallelStrategy, in configure_model)."""
     L.seed_everything(seed, verbose=False)
-    return ShardedMLP(stream[0].train[0][0].numel(), stream.num_classes, hidden=(32,), lr=1e-2)
+    return tiny_mlp(stream)
 
 
 def fit(epochs: int, callbacks: list[Callback], strategy: Any, **kwargs: Any) -> L.Trainer:
@@ -112,7 +96,7 @@ class _Gradients(Callback):
 
 
 def _run(spec, stream, sharded: bool) -> dict[str, Any]:
-    model, methods, evaluation = fresh(stream, sharded), spec.callbacks(), ContinualEvaluation(stream)
+    model, methods, evaluation = fresh(stream), spec.callbacks(), ContinualEvaluation(stream)
     for task in list(stream_for(spec, stream))[:TASKS]:
         fit(2, [*methods, evaluation], sharding() if sharded else "ddp").fit(model, train_loader(task))
     return {
@@ -140,7 +124,7 @@ def _resumed(spec, stream, save_distributed_checkpoint: bool, directory: Path) -
     resume from the last epoch's checkpoint in a new model with new callbacks."""
     tasks = list(stream_for(spec, stream))[:TASKS]
     crashed = 0 if spec.family == "pretrained" else 1
-    model, methods, evaluation = fresh(stream, True), spec.callbacks(), ContinualEvaluation(stream)
+    model, methods, evaluation = fresh(stream), spec.callbacks(), ContinualEvaluation(stream)
     for task in tasks[:crashed]:
         fit(2, [*methods, evaluation], sharding()).fit(model, train_loader(task))
     checkpoint = ModelCheckpoint(dirpath=directory, filename="{epoch}", save_top_k=-1, save_on_train_epoch_end=True)
@@ -152,7 +136,7 @@ def _resumed(spec, stream, save_distributed_checkpoint: bool, directory: Path) -
     )
     with pytest.raises(KeyError, match="simulated crash"):
         crashing.fit(model, train_loader(tasks[crashed]))
-    model, methods, evaluation = fresh(stream, True, seed=123), spec.callbacks(), ContinualEvaluation(stream)
+    model, methods, evaluation = fresh(stream, seed=123), spec.callbacks(), ContinualEvaluation(stream)
     L.seed_everything(0, verbose=False)  # the job's seed, which the distributed sampler's order follows
     for index, task in enumerate(tasks[crashed:]):
         path = directory / "epoch=0.ckpt" if index == 0 else None
@@ -164,7 +148,7 @@ def _importances(stream) -> dict[str, Any]:
     """EWC's Fisher and MAS's importance after one sharded task, with the weights they were estimated at."""
     found = {}
     for method in (EWC(), MAS()):
-        model = fresh(stream, True)
+        model = fresh(stream)
         fit(1, [method], sharding()).fit(model, train_loader(stream[0]))
         found[type(method).__name__] = {"importance": method.state_dict()["importance"], "weights": full_weights(model)}
     return found
@@ -172,7 +156,7 @@ def _importances(stream) -> dict[str, Any]:
 
 def _gradient_term(stream) -> dict[str, Any]:
     """EWC's term in one step of the second task, the weights moved off its anchor first."""
-    model, ewc = fresh(stream, True), EWC(lambda_=50.0)
+    model, ewc = fresh(stream), EWC(lambda_=50.0)
     fit(1, [ewc], sharding()).fit(model, train_loader(stream[0]))
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -196,11 +180,11 @@ def _refusals(stream) -> dict[str, str]:
         (
             "tensor_parallel",
             EWC(),
-            fresh(stream, False),
+            fresh(stream),
             ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2),
         ),
         ("grow_heads", GrowHeads(), MLPClassifier(16, 2, head="incremental"), sharding()),
-        ("lora_per_task", LoRA(module_types=nn.Linear, mode="per_task"), fresh(stream, True), sharding()),
+        ("lora_per_task", LoRA(module_types=nn.Linear, mode="per_task"), fresh(stream), sharding()),
     ):
         try:
             fit(1, [method], strategy).fit(model, train_loader(stream[0]))
@@ -313,3 +297,14 @@ def test_fsdp1_and_deepspeed_are_refused_at_setup_naming_model_parallel_strategy
     trainer = types.SimpleNamespace(strategy=object.__new__(strategy), callbacks=[callback])
     with pytest.raises(RuntimeError, match=r"ModelParallelStrategy\(data_parallel_size=<devices>"):
         callback.setup(trainer, tiny_mlp(split_stream), "fit")
+
+
+def test_the_example_runs_under_lightning_s_own_launcher():
+    # `python train.py`: Lightning starts the second process by running the script again (no torchrun)
+    example = Path(__file__).parents[1] / "examples" / "sharded_fsdp" / "train.py"
+    done = subprocess.run(
+        [sys.executable, str(example), "--epochs", "1"], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert "rank 0 holds EWC's importance of net.0.weight as a (128, 64) shard of (256, 64)" in done.stdout
+    rows = [line for line in done.stdout.splitlines() if line.strip()[:1].isdigit() and "|" in line]
+    assert len(rows) == 5  # one row of the accuracy matrix per task
