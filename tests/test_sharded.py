@@ -2,9 +2,10 @@
 CPU processes (gloo), with the same data as the DDP run of the conformance suite. Each method must
 
 - train 2 tasks and end with the weights and the accuracy of its DDP run on the same data (within 0.02; the
-  weights to 1e-5);
+  weights to 1e-5); learn each task under bf16-mixed too;
 - resume from a checkpoint saved in the middle of its second task, distributed (a folder of shards) and full (one
   file), in a new model with new callback instances, and end exactly where the uninterrupted sharded run ends;
+- select parameters by name (FreezeLayers, LoRA, WeightMerging's ``exclude``) as it does unsharded;
 - keep per-parameter state sharded like the parameters (a rank holds half of it) and gather it whole into a
   checkpoint, the same on both ranks.
 
@@ -42,13 +43,31 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 
-from lightning_incremental import EWC, MAS, ContinualEvaluation, ExperienceReplay, GrowHeads, LoRA, MLPClassifier
-from lightning_incremental.catalog import registry
+from lightning_incremental import (
+    EWC,
+    MAS,
+    ContinualEvaluation,
+    ExperienceReplay,
+    FreezeLayers,
+    GrowHeads,
+    LoRA,
+    MLPClassifier,
+    WeightMerging,
+)
+from lightning_incremental.catalog import MethodSpec, registry
 from lightning_incremental.core import local, shard_of
 from lightning_incremental.core.per_sample import per_sample_grad_sums
 
 METHODS = list(registry().values())
 TASKS = 2
+# selection by name and the merge modes outside the catalog: each must train what it trains unsharded
+SELECTIONS = [
+    MethodSpec("freeze_last_layer", "partial", "", lambda: [FreezeLayers(train_last=1)]),
+    MethodSpec("freeze_by_name", "partial", "", lambda: [FreezeLayers(freeze="net.0.*")]),
+    MethodSpec("lora_by_name", "partial", "", lambda: [LoRA(target_modules=["net.0"], train="net.2.*")]),
+    MethodSpec("ties_excluding", "fusion", "", lambda: [WeightMerging(mode="ties", exclude="net.2.*")]),
+    MethodSpec("magmax", "fusion", "", lambda: [WeightMerging(mode="magmax")]),
+]
 
 
 def sharding(save_distributed_checkpoint: bool = True) -> ModelParallelStrategy:
@@ -95,10 +114,11 @@ class _Gradients(Callback):
             self.weights = {n: p.full_tensor().detach().clone() for n, p in named.items()}
 
 
-def _run(spec, stream, sharded: bool) -> dict[str, Any]:
+def _run(spec, stream, sharded: bool, precision: str = "32-true") -> dict[str, Any]:
     model, methods, evaluation = fresh(stream), spec.callbacks(), ContinualEvaluation(stream)
     for task in list(stream_for(spec, stream))[:TASKS]:
-        fit(2, [*methods, evaluation], sharding() if sharded else "ddp").fit(model, train_loader(task))
+        strategy = sharding() if sharded else "ddp"
+        fit(2, [*methods, evaluation], strategy, precision=precision).fit(model, train_loader(task))
     return {
         "weights": full_weights(model),
         "row": evaluation.matrix[-1],
@@ -203,9 +223,14 @@ def _worker(rank: int, out_dir: Path) -> None:
         results["methods"][spec.name] = {
             "sharded": _run(spec, stream, sharded=True),
             "ddp": _run(spec, stream, sharded=False),
+            "sharded_bf16": _run(spec, stream, sharded=True, precision="bf16-mixed"),
             "resumed_distributed": _resumed(spec, stream, True, out_dir / spec.name / "distributed"),
             "resumed_full": _resumed(spec, stream, False, out_dir / spec.name / "full"),
         }
+    results["selections"] = {
+        spec.name: {"sharded": _run(spec, stream, sharded=True), "ddp": _run(spec, stream, sharded=False)}
+        for spec in SELECTIONS
+    }
     results["importances"] = _importances(stream)
     results["gradient_term"] = _gradient_term(stream)
     results["refusals"] = _refusals(stream)
@@ -230,6 +255,19 @@ def test_two_sharded_tasks_end_where_ddp_ends(spec, sharded_runs):
     assert len(sharded["matrix"]) == TASKS
     assert max(abs(a - b) for a, b in zip(sharded["row"], ddp["row"], strict=True)) <= 0.02
     assert_same_weights(sharded["weights"], ddp["weights"], atol=1e-5)
+
+
+def test_two_sharded_tasks_under_bf16_mixed_learn_each_task(spec, sharded_runs):
+    run = sharded_runs[0]["methods"][spec.name]["sharded_bf16"]
+    assert run["matrix"][-1][-1] >= 0.6  # the split stream's tasks have 2 classes of 6: chance is 0.17
+    assert all(torch.isfinite(weight).all() for weight in run["weights"].values())
+
+
+@pytest.mark.parametrize("selection", SELECTIONS, ids=[spec.name for spec in SELECTIONS])
+def test_selection_by_name_trains_what_it_trains_unsharded(selection, sharded_runs):
+    run = sharded_runs[0]["selections"][selection.name]
+    assert_same_weights(run["sharded"]["weights"], run["ddp"]["weights"], atol=1e-5)
+    assert run["sharded"]["matrix"] == run["ddp"]["matrix"]
 
 
 @pytest.mark.parametrize("kind", ["distributed", "full"])

@@ -18,7 +18,7 @@ class FrozenPart:
 
     >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Linear(2, 1)).train()
     >>> frozen = FrozenPart()
-    >>> frozen.freeze(net[:2].parameters(), batchnorms=[net[1]])
+    >>> frozen.freeze(net, net[:2].parameters(), batchnorms=[net[1]])
     >>> frozen.hold_batchnorms_in_eval()
     >>> [p.requires_grad for p in net.parameters()], net[1].training
     ([False, False, False, False, True, True], False)
@@ -28,21 +28,29 @@ class FrozenPart:
     """
 
     def __init__(self) -> None:
-        self.parameters: list[nn.Parameter] = []  # set to requires_grad=False by this object
+        # set to requires_grad=False by this object, as (the module that holds it, its attribute name): released
+        # through the module, whose parameter fully_shard may have replaced by a sharded one since
+        self.parameters: list[tuple[nn.Module, str]] = []
         self.batchnorms: list[nn.Module] = []  # held in eval mode while training
         self._modes: dict[nn.Module, bool] = {}  # BatchNorm layers put in eval mode -> their mode before
 
     def __bool__(self) -> bool:
         return bool(self.parameters)
 
-    def freeze(self, parameters: Iterable[nn.Parameter], batchnorms: Iterable[nn.Module] = ()) -> None:
-        """Set ``requires_grad=False`` on those of ``parameters`` that train (their stale gradient dropped, so it
-        never reaches an optimizer), and hold ``batchnorms`` in eval mode from :meth:`hold_batchnorms_in_eval`."""
+    def freeze(
+        self, model: nn.Module, parameters: Iterable[nn.Parameter], batchnorms: Iterable[nn.Module] = ()
+    ) -> None:
+        """Set ``requires_grad=False`` on those of ``parameters`` (of ``model``) that train (their stale gradient
+        dropped, so it never reaches an optimizer), and hold ``batchnorms`` in eval mode from
+        :meth:`hold_batchnorms_in_eval`."""
+        owners = {
+            id(p): (module, name) for module in model.modules() for name, p in module.named_parameters(recurse=False)
+        }
         for p in parameters:
             if p.requires_grad:
                 p.requires_grad_(False)
                 p.grad = None
-                self.parameters.append(p)
+                self.parameters.append(owners[id(p)])
         self.batchnorms.extend(batchnorms)
 
     def hold_batchnorms_in_eval(self) -> None:
@@ -53,8 +61,8 @@ class FrozenPart:
 
     def release(self) -> None:
         """Give every frozen parameter ``requires_grad=True`` and every held BatchNorm layer its mode back."""
-        for p in self.parameters:
-            p.requires_grad_(True)
+        for module, name in self.parameters:
+            getattr(module, name).requires_grad_(True)
         for bn, mode in self._modes.items():
             bn.train(mode)
         self.parameters, self.batchnorms, self._modes = [], [], {}

@@ -219,7 +219,7 @@ class FreezeLayers(PartialTraining):
         if index < self.from_task:
             self._frozen.release()
         elif not self._frozen:
-            self._frozen.freeze(self._plan[0], batchnorms=self._plan[1])
+            self._frozen.freeze(pl_module, self._plan[0], batchnorms=self._plan[1])
 
     @override
     def _end_fit(self) -> None:

@@ -269,9 +269,9 @@ class LoRA(PartialTraining):
         trainable |= {id(p) for p in peft_trainable(pl_module)}
         named = dict(pl_module.named_parameters())
         trainable |= {id(named[name]) for name in matching("train", self.train, named, type(pl_module).__name__)}
-        self._frozen.freeze(p for p in named.values() if id(p) not in trainable)
+        self._frozen.freeze(pl_module, (p for p in named.values() if id(p) not in trainable))
         # then the BatchNorm layers none of whose parameters trains now (the frozen ones, and those frozen before)
-        self._frozen.freeze((), batchnorms=batchnorms_without_training(pl_module))
+        self._frozen.freeze(pl_module, (), batchnorms=batchnorms_without_training(pl_module))
 
 
 def _check_weight_readers_follow(lora: LoRA, trainer: Trainer) -> None:
