@@ -83,18 +83,19 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=f"weights differ at {name}")
 
 
-def assert_same_state(a: Any, b: Any, where: str = "state") -> None:
-    """Two ``state_dict`` trees are equal: the same keys and lengths, tensors bit for bit, the rest by ``==``."""
+def assert_same_state(a: Any, b: Any, where: str = "state", atol: float = 0.0) -> None:
+    """Two ``state_dict`` trees are equal: the same keys and lengths, tensors bit for bit (or to ``atol``), the rest by
+    ``==``."""
     if isinstance(a, torch.Tensor):
-        torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True, msg=f"tensors differ at {where}")
+        torch.testing.assert_close(a, b, atol=atol, rtol=0, equal_nan=True, msg=f"tensors differ at {where}")
     elif isinstance(a, dict):
         assert a.keys() == b.keys(), f"keys differ at {where}: {sorted(a)} != {sorted(b)}"
         for key in a:
-            assert_same_state(a[key], b[key], f"{where}[{key!r}]")
+            assert_same_state(a[key], b[key], f"{where}[{key!r}]", atol)
     elif isinstance(a, list | tuple):
         assert len(a) == len(b), f"lengths differ at {where}"
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same_state(x, y, f"{where}[{i}]")
+            assert_same_state(x, y, f"{where}[{i}]", atol)
     else:
         assert a == b, f"values differ at {where}: {a!r} != {b!r}"
 

@@ -2,7 +2,7 @@
 CPU processes (gloo), with the same data as the DDP run of the conformance suite. Each method must
 
 - train 2 tasks and end with the weights and the accuracy of its DDP run on the same data (within 0.02; the
-  weights to 1e-5); learn each task under bf16-mixed too;
+  weights to 1e-5), under 32-true and under bf16-mixed;
 - resume from a checkpoint saved in the middle of its second task, distributed (a folder of shards) and full (one
   file), in a new model with new callback instances, and end exactly where the uninterrupted sharded run ends;
 - select parameters by name (FreezeLayers, LoRA, WeightMerging's ``exclude``) as it does unsharded;
@@ -224,6 +224,7 @@ def _worker(rank: int, out_dir: Path) -> None:
             "sharded": _run(spec, stream, sharded=True),
             "ddp": _run(spec, stream, sharded=False),
             "sharded_bf16": _run(spec, stream, sharded=True, precision="bf16-mixed"),
+            "ddp_bf16": _run(spec, stream, sharded=False, precision="bf16-mixed"),
             "resumed_distributed": _resumed(spec, stream, True, out_dir / spec.name / "distributed"),
             "resumed_full": _resumed(spec, stream, False, out_dir / spec.name / "full"),
         }
@@ -257,10 +258,12 @@ def test_two_sharded_tasks_end_where_ddp_ends(spec, sharded_runs):
     assert_same_weights(sharded["weights"], ddp["weights"], atol=1e-5)
 
 
-def test_two_sharded_tasks_under_bf16_mixed_learn_each_task(spec, sharded_runs):
-    run = sharded_runs[0]["methods"][spec.name]["sharded_bf16"]
-    assert run["matrix"][-1][-1] >= 0.6  # the split stream's tasks have 2 classes of 6: chance is 0.17
-    assert all(torch.isfinite(weight).all() for weight in run["weights"].values())
+def test_two_sharded_tasks_under_bf16_mixed_end_where_ddp_ends(spec, sharded_runs):
+    run = sharded_runs[0]["methods"][spec.name]
+    sharded, ddp = run["sharded_bf16"], run["ddp_bf16"]
+    assert max(abs(a - b) for a, b in zip(sharded["row"], ddp["row"], strict=True)) <= 0.02
+    assert_same_weights(sharded["weights"], ddp["weights"], atol=1e-4)
+    assert all(torch.isfinite(weight).all() for weight in sharded["weights"].values())
 
 
 @pytest.mark.parametrize("selection", SELECTIONS, ids=[spec.name for spec in SELECTIONS])
@@ -279,12 +282,13 @@ def test_a_mid_task_resume_ends_exactly_where_the_uninterrupted_run_ends(spec, s
 
 def test_state_is_sharded_on_the_ranks_and_whole_in_the_checkpoint(spec, sharded_runs):
     ranks = [sharded["methods"][spec.name]["sharded"] for sharded in sharded_runs]
-    assert_same_state(ranks[0]["methods"], ranks[1]["methods"])  # gathered whole: the same on both ranks
     ddp = sharded_runs[0]["methods"][spec.name]["ddp"]
     for attribute, held in ranks[0]["local_state"].items():  # a rank holds about half of the whole state
         whole = ddp["local_state"][attribute]
         assert held + ranks[1]["local_state"][attribute] == whole
         assert held <= 0.55 * whole, f"{attribute}: rank 0 holds {held} of {whole} entries"
+    # rank 0's state_dict, the one Lightning saves, is whole: the DDP run's state
+    assert_same_state(ranks[0]["methods"], ddp["methods"], atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["EWC", "MAS"])

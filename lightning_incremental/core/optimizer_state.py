@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
-from lightning_incremental.core.sharding import is_sharded, shard_of_dtensor
+from lightning_incremental.core.sharding import gather_full, is_sharded, shard_of_dtensor
 from lightning_incremental.core.tensors import grow_to, is_growth
 
 
@@ -112,8 +112,8 @@ class CarriedOptimizerState:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """The carried state; a sharded parameter's state gathered into full tensors (a collective: every rank calls
-        it)."""
+        """The carried state; a sharded parameter's state gathered whole on rank 0 (a collective: every rank calls
+        it; :func:`~lightning_incremental.core.gather_full`)."""
         optimizers = [
             {**entry, "params": {name: _gathered(carried) for name, carried in entry["params"].items()}}
             for entry in self.optimizers
@@ -249,7 +249,10 @@ class CarriedOptimizerState:
 
 def _gathered(carried: dict[str, Any]) -> dict[str, Any]:
     """One parameter's carried entry with its sharded state tensors gathered into full tensors."""
-    state = {key: value.full_tensor() if is_sharded(value) else value for key, value in carried["state"].items()}
+    state = {
+        key: gather_full(value.to_local(), value) if is_sharded(value) else value
+        for key, value in carried["state"].items()
+    }
     return {**carried, "state": state}
 
 

@@ -8,7 +8,8 @@ no ``DTensor`` dispatch in a step, and a rank holds 1/world of the state. On an 
 here is the identity, so the same code runs under a single device and DDP.
 
 Checkpoints hold full tensors (:func:`gather_full`): Lightning saves the callbacks' states from rank 0 alone, with a
-distributed checkpoint as with a full one, so a shard would lose the other ranks' parts. A loaded full tensor becomes
+distributed checkpoint as with a full one, so a shard would lose the other ranks' parts. Rank 0's ``state_dict()`` thus
+holds the whole state; another rank's holds its shards. A loaded full tensor becomes
 this rank's shard again in ``place_state`` (:func:`shard_of`), on any number of ranks, without communication.
 """
 
@@ -20,7 +21,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Partial, distribute_tensor
 
-from lightning_incremental.core.distributed import all_reduce_sum
+from lightning_incremental.core.distributed import all_reduce_sum, rank_and_world_size
 from lightning_incremental.core.tensors import grow_to, is_growth
 
 
@@ -76,8 +77,9 @@ def shard_of_dtensor(full: Tensor, like: Tensor) -> Tensor:
 
 
 def gather_full(shard: Tensor, like: Tensor) -> Tensor:
-    """The whole tensor of which ``shard`` is this rank's part, laid out as the parameter ``like`` is: gathered over
-    the ranks (a collective: every rank calls it). ``shard`` itself when ``like`` is not sharded.
+    """For a checkpoint: on rank 0, the whole tensor of which ``shard`` is this rank's part, laid out as the parameter
+    ``like`` is; on the other ranks, ``shard`` (Lightning saves rank 0's callback states only, so no other rank keeps a
+    whole copy). A collective: every rank calls it. ``shard`` itself when ``like`` is not sharded.
 
     >>> gather_full(torch.ones(2), torch.zeros(2)).tolist()
     [1.0, 1.0]
@@ -87,7 +89,8 @@ def gather_full(shard: Tensor, like: Tensor) -> Tensor:
     spread = DTensor.from_local(
         shard, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
     )
-    return spread.full_tensor()
+    whole = spread.full_tensor()  # an all-gather: every rank holds the whole tensor until it returns
+    return whole if rank_and_world_size()[0] == 0 else shard
 
 
 def sum_to_shard(partial: Tensor, like: Tensor) -> Tensor:
@@ -104,8 +107,8 @@ def sum_to_shard(partial: Tensor, like: Tensor) -> Tensor:
 
 
 def full_state(shards: dict[str, Tensor], sharded: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A per-parameter state as full tensors on the CPU, for a checkpoint: the names of ``sharded`` parameters are
-    gathered from the ranks' shards (a collective: every rank calls it, with the same names), the others copied.
+    """A per-parameter state on the CPU for a checkpoint: the names of ``sharded`` parameters gathered whole on rank 0
+    (:func:`gather_full`; a collective: every rank calls it, with the same names), the others as they are.
 
     >>> full_state({"w": torch.ones(2)}, {})
     {'w': tensor([1., 1.])}

@@ -35,8 +35,12 @@ class SampledImportance(QuadraticPenalty):
     At a task end it reads up to ``importance_samples`` training samples from the fit's train dataloader (each
     DDP rank its shard), in eval mode and fp32, and all-reduces the sums; the pass leaves the user's random
     stream untouched. In task-free use (``consolidate_every_n_steps``) it uses the most recent training batches
-    instead. The model's outputs and targets come from the model interface; a batch it cannot use is refused
-    at the first training step of a task, not after the task.
+    instead. The estimator is the mean over samples of ``phi`` of each sample's gradient, never ``phi`` of an averaged
+    gradient: on a ``fully_shard``-ed model each rank sums its rows' per-sample terms for whole parameters (the layer
+    rule of :mod:`~lightning_incremental.core.per_sample`) and a reduce-scatter leaves each rank its shard of the sum
+    over every row, the single-process estimate on the same rows (``tests/test_sharded.py``). The model's outputs and
+    targets come from the model interface; a batch it cannot use is refused at the first training step of a task,
+    not after the task.
     """
 
     reduction: Reduction = "square"
