@@ -4,7 +4,8 @@ CPU processes (gloo), with the same data as the DDP run of the conformance suite
 - train 2 tasks and end with the weights and the accuracy of its DDP run on the same data (within 0.02; the
   weights to 1e-5), under 32-true and under bf16-mixed;
 - resume from a checkpoint saved in the middle of its second task, distributed (a folder of shards) and full (one
-  file), in a new model with new callback instances, and end exactly where the uninterrupted sharded run ends;
+  file), in a new model with new callback instances, and end exactly where the uninterrupted sharded run ends; the
+  same for one job per task, each from the last job's ``TaskCheckpoint``;
 - select parameters by name (FreezeLayers, LoRA, WeightMerging's ``exclude``) as it does unsharded;
 - keep per-parameter state sharded like the parameters (a rank holds half of it) and gather it whole into a
   checkpoint, the same on both ranks.
@@ -52,6 +53,7 @@ from lightning_incremental import (
     GrowHeads,
     LoRA,
     MLPClassifier,
+    TaskCheckpoint,
     WeightMerging,
 )
 from lightning_incremental.catalog import MethodSpec, registry
@@ -164,6 +166,20 @@ def _resumed(spec, stream, save_distributed_checkpoint: bool, directory: Path) -
     return {"weights": full_weights(model), "matrix": evaluation.matrix}
 
 
+def _as_jobs(spec, stream, save_distributed_checkpoint: bool, directory: Path) -> dict[str, Any]:
+    """One job per task: a new model and new callbacks each time, from the last job's ``TaskCheckpoint``."""
+    for index, task in enumerate(list(stream_for(spec, stream))[:TASKS]):
+        model = fresh(stream, seed=100 * index)  # the first job builds the initial model, the others load theirs
+        methods, evaluation = spec.callbacks(), ContinualEvaluation(stream)
+        L.seed_everything(0, verbose=False)  # the job's seed
+        checkpoint = TaskCheckpoint(dirpath=directory)
+        trainer = fit(
+            2, [*methods, evaluation, checkpoint], sharding(save_distributed_checkpoint), enable_checkpointing=True
+        )
+        trainer.fit(model, train_loader(task), ckpt_path=directory / "last.ckpt" if index else None)
+    return {"weights": full_weights(model), "matrix": evaluation.matrix}
+
+
 def _importances(stream) -> dict[str, Any]:
     """EWC's Fisher and MAS's importance after one sharded task, with the weights they were estimated at."""
     found = {}
@@ -227,6 +243,7 @@ def _worker(rank: int, out_dir: Path) -> None:
             "ddp_bf16": _run(spec, stream, sharded=False, precision="bf16-mixed"),
             "resumed_distributed": _resumed(spec, stream, True, out_dir / spec.name / "distributed"),
             "resumed_full": _resumed(spec, stream, False, out_dir / spec.name / "full"),
+            "jobs": _as_jobs(spec, stream, spec.name[0] < "m", out_dir / spec.name / "jobs"),
         }
     results["selections"] = {
         spec.name: {"sharded": _run(spec, stream, sharded=True), "ddp": _run(spec, stream, sharded=False)}
@@ -264,6 +281,13 @@ def test_two_sharded_tasks_under_bf16_mixed_end_where_ddp_ends(spec, sharded_run
     assert max(abs(a - b) for a, b in zip(sharded["row"], ddp["row"], strict=True)) <= 0.02
     assert_same_weights(sharded["weights"], ddp["weights"], atol=1e-4)
     assert all(torch.isfinite(weight).all() for weight in sharded["weights"].values())
+
+
+def test_one_job_per_task_from_task_checkpoints_ends_where_one_process_ends(spec, sharded_runs):
+    # a distributed TaskCheckpoint for the methods named a to l, a full one for the others
+    run = sharded_runs[0]["methods"][spec.name]
+    assert_same_weights(run["sharded"]["weights"], run["jobs"]["weights"], atol=0)
+    assert run["jobs"]["matrix"] == run["sharded"]["matrix"]
 
 
 @pytest.mark.parametrize("selection", SELECTIONS, ids=[spec.name for spec in SELECTIONS])

@@ -70,6 +70,17 @@ class TaskCheckpoint(ModelCheckpoint):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.strategy.restore_checkpoint_after_setup:
+            self._refuse_another_run(trainer)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if trainer.strategy.restore_checkpoint_after_setup:  # ModelParallelStrategy restores after on_fit_start
+            self._refuse_another_run(trainer)
+
+    def _refuse_another_run(self, trainer: Trainer) -> None:
+        """Refuse a fit that would write its task end over another run's, before its first step."""
         # after the restore: ``trainer.ckpt_path`` is the checkpoint loaded, ``last_model_path`` restored from it
         path = self.task_end_path
         ours = {os.path.abspath(self.last_model_path)} if self.last_model_path else set()
