@@ -11,7 +11,8 @@
    average accuracy of EWC, SI and MAS, fp32 and bf16 state, on the reference protocol's permuted digits.
 3. Step time: the median step of the second task on an MLP 784-1024-1024-1024-10 (batch 128 a rank, random data),
    sharded on 2 processes, with EWC, SI, MAS and L2Anchor against a plain sharded step, interleaved repeats.
-4. A 7B model on 8 ranks: the GiB a rank would hold for each method's state, projected from the bytes of 1.
+4. A 7B model on 8 ranks: the GiB a rank would hold for each method's state, projected from the bytes counted on
+   1 and 2 ranks.
 
 All of it goes to the section "Sharded models (FSDP2 on 2 CPU processes)" of benchmarks/RESULTS.md.
 """
@@ -242,19 +243,20 @@ def timed_run(build: Callable[[], list[Callback]], sizes: dict[str, Any]) -> flo
     return statistics.median(timer.durations)
 
 
-def step_times(sizes: dict[str, Any], repeats: int) -> dict[str, list[float]]:
+def step_times(sizes: dict[str, Any], repeats: int) -> tuple[dict[str, list[float]], list[float]]:
     """Every configuration of :data:`TIMED`, interleaved ``repeats`` times, the order rotated by one place at every
     repeat (a process's first runs are slower; 5 repeats put each configuration once in each place), after one
-    untimed warm-up run: its median step of each repeat."""
+    untimed warm-up run: its median step of each repeat; and the 1-minute load average after each repeat."""
     found: dict[str, list[float]] = {name: [] for name in TIMED}
     timed_run(TIMED["plain"], sizes)  # warm-up: the process's first run is slower
-    names = list(TIMED)
+    names, loads = list(TIMED), []
     for repeat in range(repeats):
         for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
             found[name].append(timed_run(TIMED[name], sizes))
             if int(os.environ.get("RANK", 0)) == 0:
                 print(f"step time, repeat {repeat}: {name:<6} {found[name][-1] * 1e3:8.2f} ms", flush=True)
-    return found
+        loads.append(os.getloadavg()[0])
+    return found, loads
 
 
 # ---------------------------------------------------------------------------------------------------- the processes
@@ -448,7 +450,7 @@ def low_precision_table(single: dict, ranks: list[dict], accuracy: dict, seeds: 
     return lines
 
 
-def step_table(steps: dict[str, list[float]], sizes: dict[str, Any], quick: bool) -> list[str]:
+def step_table(steps: dict[str, list[float]], loads: list[float], sizes: dict[str, Any], quick: bool) -> list[str]:
     hidden = "-".join(str(h) for h in sizes["hidden"])
     repeats = len(steps["plain"])
     medians = {name: statistics.median(values) for name, values in steps.items()}
@@ -476,8 +478,9 @@ def step_table(steps: dict[str, list[float]], sizes: dict[str, Any], quick: bool
         "",
         f"EWC's sharded step takes {ewc:.3f}x the plain sharded step (target ≤ {TARGET_STEP_RATIO}: "
         f"{'met' if ewc <= TARGET_STEP_RATIO else 'NOT met'}); {others}. The repeats of one configuration spread by "
-        f"up to {spread * 100:.0f}% of its median."
-        + (" A --quick run: a small model and 1 repeat, not a measurement." if quick else ""),
+        f"up to {spread * 100:.0f}% of its median. The machine's 1-minute load average after each repeat: "
+        f"{', '.join(f'{load:.1f}' for load in loads)} (this run's own 2 processes and their gloo threads make about "
+        "2 to 3)." + (" A --quick run: a small model and 1 repeat, not a measurement." if quick else ""),
         "",
     ]
     return lines
@@ -575,7 +578,8 @@ def main() -> None:
 
     def sharded_worker(rank: int, out: Path) -> None:
         quiet_benchmark()
-        found = {"state": state_runs(state_stream, state_epochs, sharded=True), "steps": step_times(sizes, repeats)}
+        found: dict[str, Any] = {"state": state_runs(state_stream, state_epochs, sharded=True)}
+        found["steps"], found["load"] = step_times(sizes, repeats)
         torch.save(found, out / f"rank{rank}.pt")
 
     def accuracy_worker(rank: int, out: Path) -> None:
@@ -608,7 +612,7 @@ def main() -> None:
         *low_precision_table(single, states, accuracy, seeds, protocol),
         "### Step time",
         "",
-        *step_table(ranks[0]["steps"], sizes, args.quick),
+        *step_table(ranks[0]["steps"], ranks[0]["load"], sizes, args.quick),
         f"### A 7B model on {RANKS_7B} ranks (projected)",
         "",
         *projection_table(single, states),

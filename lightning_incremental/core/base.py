@@ -355,8 +355,8 @@ class FisherSource(Protocol):
     """
 
     def check_task_fisher(self) -> None:
-        """Refuse, with the fix, a configuration that cannot give one Fisher per task (the consumer calls it in
-        ``setup``, before the first step)."""
+        """Refuse, with the fix, a configuration that cannot give one Fisher per task; otherwise keep each task's Fisher
+        from now on (the consumer calls it in ``setup``, after the source's ``setup`` and before the first step)."""
         ...
 
     def task_fisher(self) -> dict[str, Tensor]:

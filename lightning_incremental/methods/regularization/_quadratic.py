@@ -177,6 +177,8 @@ class QuadraticPenalty(ContinualCallback):
                     )
                     continue
                 self.importance[name], self.anchor[name] = importance, anchor
+            if self.lambda_ == 0:  # no penalty (EWC(lambda_=0) estimating the Fisher for a merge): no terms to hold
+                continue
             weight = (self.lambda_ * importance).to(device=param.device, dtype=self.state_dtype or param.dtype)
             self._terms[id(sharded_param)] = (weight, -(weight * anchor.to(weight)))
 

@@ -99,6 +99,7 @@ class EWC(SampledImportance):
         self.mode, self.decay, self.fisher = mode, float(decay), fisher
         self._last_fisher: dict[str, Tensor] = {}  # the Fisher of the last consolidation alone
         self._last_fisher_task: int | None = None  # tasks_completed after the task it was estimated at
+        self._keeps_task_fisher = False  # a consumer (WeightMerging(mode="fisher")) asked for each task's Fisher
 
     @override
     def per_sample_loss(self, interface: ModelInterface, logits: Tensor, batch: Any) -> Tensor:
@@ -106,8 +107,15 @@ class EWC(SampledImportance):
             return interface.per_sample_loss(logits, batch)
         return _true_fisher_columns(logits.float(), interface.likelihood_of(logits, interface.targets(batch)))
 
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._keeps_task_fisher = False  # until a consumer, set up after this callback, asks for it
+
     def check_task_fisher(self) -> None:
-        """Refuse, with the fix, to give one Fisher per task while consolidating during tasks as well."""
+        """Refuse, with the fix, to give one Fisher per task while consolidating during tasks as well; otherwise
+        keep each task's Fisher for the consumer that asks (without one, it is not kept: 4 bytes per parameter)."""
+        self._keeps_task_fisher = True
         if self.consolidate_every_n_steps is not None:
             raise RuntimeError(
                 "One Fisher per task (for WeightMerging(mode='fisher')) needs EWC to consolidate at task ends "
@@ -129,7 +137,8 @@ class EWC(SampledImportance):
     @override
     def consolidate(self, trainer: Trainer, pl_module: LightningModule) -> None:
         fisher = self.estimate_importance(trainer, pl_module)
-        self._last_fisher, self._last_fisher_task = fisher, self.tasks_completed + 1  # once this task ends
+        if self._keeps_task_fisher:
+            self._last_fisher, self._last_fisher_task = fisher, self.tasks_completed + 1  # once this task ends
         current = snapshot(named_trainable_parameters(pl_module))
         for name, information in fisher.items():
             old = self.importance.get(name)
