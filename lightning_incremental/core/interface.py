@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -55,6 +56,10 @@ class ModelInterface:
             ``likelihood``.
         forward: ``forward(module, batch) -> outputs``, how to call the model on a batch (default above).
         logits: ``logits(outputs) -> tensor``, how to read the logits from the model's outputs (default above).
+        causal: whether the logits at position ``t`` score the token at ``t + 1`` (a causal language model, whose
+            labels are its input ids with ``-100`` where no loss is wanted): the per-sample loss then pairs them, as
+            Hugging Face's own loss does. ``None``: detected from the model called (a ``*ForCausalLM`` or
+            ``*LMHeadModel`` module within it).
 
     Example::
 
@@ -76,6 +81,7 @@ class ModelInterface:
         per_sample_loss: PerSampleLossFn | None = None,
         forward: Callable[[nn.Module, Any], Any] | None = None,
         logits: Callable[[Any], Tensor] | None = None,
+        causal: bool | None = None,
     ) -> None:
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"`likelihood` must be one of {LIKELIHOODS}, got {likelihood!r}.")
@@ -85,6 +91,11 @@ class ModelInterface:
         self.input_key, self.target_key = input_key, target_key
         self.likelihood = likelihood
         self._per_sample_loss, self._forward, self._logits = per_sample_loss, forward, logits
+        if causal is not None and not isinstance(causal, bool):
+            raise TypeError(f"`causal` must be True, False or None (detected), got {causal!r}.")
+        self.causal = causal
+        self._causal_models: dict[int, bool] = {}  # id(model called) -> whether it is a causal language model
+        self._called_causal = False  # whether the model of the last forward is one
 
     # ------------------------------------------------------------------ reading a batch
     def inputs(self, batch: Any) -> Any:
@@ -125,9 +136,18 @@ class ModelInterface:
 
     # ------------------------------------------------------------------ calling the model
     def forward(self, module: nn.Module, batch: Any) -> Any:
-        """The model's raw outputs for ``batch``: ``module(x)`` or ``module(**inputs)``."""
+        """The model's raw outputs for ``batch``: ``module(x)`` or ``module(**inputs)``.
+
+        A LightningModule without a ``forward`` of its own (its ``training_step`` calls ``self.model(**batch)``) is
+        called through its one submodule with parameters, the wrapped model."""
         if self._forward is not None:
             return self._forward(module, batch)
+        module = _the_model_within(module)
+        if id(module) not in self._causal_models:
+            self._causal_models[id(module)] = any(
+                type(m).__name__.endswith(("ForCausalLM", "LMHeadModel")) for m in module.modules()
+            )
+        self._called_causal = self._causal_models[id(module)]
         inputs = self.inputs(batch)
         if isinstance(inputs, Mapping):
             return module(**inputs)
@@ -183,7 +203,15 @@ class ModelInterface:
         targets = self.targets(batch)
         if self._per_sample_loss is not None:
             return self._per_sample_loss(logits, targets)
+        if self.shifts_labels and logits.ndim == 3 and targets.shape == logits.shape[:2]:
+            logits, targets = logits[:, :-1], targets[:, 1:]  # position t scores the token at t + 1
         return per_sample_nll(logits, targets, self.likelihood_of(logits, targets))
+
+    @property
+    def shifts_labels(self) -> bool:
+        """Whether the per-sample loss pairs the logits at ``t`` with the label at ``t + 1``: ``causal``, or detected
+        from the model of the last forward."""
+        return self.causal if self.causal is not None else self._called_causal
 
 
 def per_sample_nll(logits: Tensor, targets: Tensor, likelihood: str) -> Tensor:
@@ -233,6 +261,24 @@ def per_sample_nll(logits: Tensor, targets: Tensor, likelihood: str) -> Tensor:
     if likelihood == "bernoulli":
         return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").flatten(1).sum(1)
     raise ValueError(f"Unknown likelihood {likelihood!r}; choose from {LIKELIHOODS}.")
+
+
+def _the_model_within(module: nn.Module) -> nn.Module:
+    """``module``, or its one child with parameters when ``module`` defines no ``forward`` (a LightningModule that
+    wraps a Hugging Face model as ``self.model``); refused, with the fix, when there is no such single child."""
+    owner = next(cls for cls in type(module).__mro__ if "forward" in cls.__dict__)
+    if owner not in (nn.Module, LightningModule):  # a forward of the user's own
+        return module
+    children = [child for child in module.children() if next(child.parameters(), None) is not None]
+    if len(children) == 1:
+        return children[0]
+    names = [name for name, child in module.named_children() if child in children]
+    raise TypeError(
+        f"{type(module).__name__} defines no `forward`, and the methods cannot tell which of its submodules "
+        f"{names} is the model to call on a batch. Define `forward` (e.g. `def forward(self, **batch): return "
+        "self.model(**batch)`), or set `continual_interface = ModelInterface(forward=lambda module, batch: "
+        "module.model(**batch))` on it."
+    )
 
 
 def interface_of(pl_module: nn.Module, given: ModelInterface | None) -> ModelInterface:

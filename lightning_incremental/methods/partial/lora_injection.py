@@ -76,7 +76,7 @@ def inject_adapters(
             f"LoRA needs the layers to adapt: `target_modules=[...]` (name patterns) or `module_types=nn.Linear`; "
             f"the linear layers of {model} are: {', '.join(candidates) or 'none'}."
         )
-    chosen = matching("target_modules", target_modules, candidates, model, noun="linear layer")
+    chosen = matching("target_modules", target_modules, candidates, model, noun="linear layer", suffixes=True)
     for kind in module_types:
         found = {name for name, layer in candidates.items() if isinstance(layer, kind)}
         if not found:

@@ -1,0 +1,118 @@
+"""The methods on a causal language model as a user writes it: a LightningModule that wraps a Hugging Face
+``*ForCausalLM`` as ``self.model``, defines no ``forward``, and returns ``self.model(**batch).loss``; dict batches
+padded per batch, labels of -100 on the prompt and the padding. A tiny Llama built from a config, random init.
+"""
+
+import lightning as L
+import pytest
+import torch
+from harness import QUIET
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lightning_incremental import AGEM, DER, EWC, MAS, SI, ExperienceReplay, LoRA, LwF, ModelInterface
+
+VOCAB = 64
+
+
+class CausalLM(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+        self.model = LlamaForCausalLM(config)
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=3e-3)
+
+
+def instruction_rows(task: int, n: int = 32) -> list[tuple[list[int], list[int]]]:
+    """Prompts of random length ending in a key token; the answer is the key shifted by the task, then an end token."""
+    generator = torch.Generator().manual_seed(task)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(3, 7, (1,), generator=generator))
+        key = int(torch.randint(10, 60, (1,), generator=generator))
+        prompt = [1, 2 + task, *torch.randint(10, 60, (length,), generator=generator).tolist(), key]
+        rows.append((prompt, [(key + 7 * task) % 50 + 10, 3]))
+    return rows
+
+
+def collate(rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask``; ``labels`` the answer tokens, -100 elsewhere."""
+    length = max(len(prompt) + len(answer) for prompt, answer in rows)
+    input_ids = torch.zeros(len(rows), length, dtype=torch.long)
+    labels = torch.full_like(input_ids, -100)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, (prompt, answer) in enumerate(rows):
+        end = len(prompt) + len(answer)
+        input_ids[row, :end] = torch.tensor(prompt + answer)
+        labels[row, len(prompt) : end] = torch.tensor(answer)
+        attention_mask[row, :end] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+METHODS = {
+    "ewc": lambda: [EWC()],
+    "si": lambda: [SI()],
+    "mas": lambda: [MAS()],
+    "lwf": lambda: [LwF()],
+    "replay": lambda: [ExperienceReplay()],
+    "der": lambda: [DER()],
+    "derpp": lambda: [DER(alpha=0.3, beta=1.0)],
+    "agem": lambda: [AGEM()],
+    "lora_merge": lambda: [LoRA(target_modules=["q_proj", "v_proj"])],
+    "lora_per_task": lambda: [LoRA(target_modules=["q_proj", "v_proj"], mode="per_task")],
+}
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_runs_two_instruction_tasks_on_a_causal_lm(name, precision):
+    model, methods = CausalLM(), METHODS[name]()
+    for task in range(2):
+        trainer = L.Trainer(max_epochs=1, callbacks=methods, precision=precision, **QUIET)
+        trainer.fit(model, DataLoader(instruction_rows(task), batch_size=8, collate_fn=collate))
+    assert [method.tasks_completed for method in methods] == [2]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_per_sample_loss_of_a_causal_lm_is_the_model_s_own_loss_of_each_row():
+    # the logits at position t score the token at t + 1: the interface pairs them as Hugging Face's loss does
+    model, interface = CausalLM(), ModelInterface()
+    batch = collate(instruction_rows(0, n=4))
+    with torch.no_grad():
+        losses = interface.per_sample_loss(interface.predict(model, batch), batch)
+        own = [model.model(**{key: value[row : row + 1] for key, value in batch.items()}).loss for row in range(4)]
+    assert interface.shifts_labels
+    torch.testing.assert_close(losses, torch.stack(own), rtol=0, atol=1e-5)
+
+
+def test_a_module_without_forward_and_two_models_is_refused_with_the_fix():
+    class TwoModels(CausalLM):
+        def __init__(self) -> None:
+            super().__init__()
+            self.reference = nn.Linear(2, 2)
+
+    with pytest.raises(TypeError, match=r"def forward\(self, \*\*batch\)"):
+        ModelInterface().predict(TwoModels(), collate(instruction_rows(0, n=2)))
+
+
+def test_lora_target_modules_name_layers_by_their_last_part_as_peft_does():
+    model, lora = CausalLM(), LoRA(target_modules=["q_proj", "v_proj"])
+    adapted = lora.inject(model)
+    assert adapted == [f"model.model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    with pytest.raises(ValueError, match="`target_modules` pattern 'query' matches no linear layer"):
+        LoRA(target_modules=["query"]).inject(CausalLM())
