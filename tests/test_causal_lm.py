@@ -116,3 +116,22 @@ def test_lora_target_modules_name_layers_by_their_last_part_as_peft_does():
     assert adapted == [f"model.model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
     with pytest.raises(ValueError, match="`target_modules` pattern 'query' matches no linear layer"):
         LoRA(target_modules=["query"]).inject(CausalLM())
+
+
+def test_token_level_terms_cover_the_positions_that_score_answer_tokens():
+    model, interface = CausalLM(), ModelInterface()
+    batch = collate([([1, 2, 11, 12], [30, 3]), ([1, 2, 13], [31, 3])])  # lengths 6 and 5: one padding position
+    logits = torch.zeros(2, 6, VOCAB)
+    # a causal LM: the positions before the answer tokens (the last prompt token and the first answer token)
+    assert interface.answer_positions(model, logits, batch).tolist() == [
+        [False, False, False, True, True, False],
+        [False, False, True, True, False, False],
+    ]
+    # a token classifier (no shift): the labelled positions themselves
+    assert (
+        ModelInterface(causal=False).answer_positions(model, logits, batch).tolist()
+        == (batch["labels"] != -100).tolist()
+    )
+    # without labels: the attention mask
+    unlabelled = {key: value for key, value in batch.items() if key != "labels"}
+    assert interface.answer_positions(model, logits, unlabelled).tolist() == batch["attention_mask"].bool().tolist()

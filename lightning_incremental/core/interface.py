@@ -142,12 +142,8 @@ class ModelInterface:
         called through its one submodule with parameters, the wrapped model."""
         if self._forward is not None:
             return self._forward(module, batch)
+        self._called_causal = self.is_causal(module)
         module = _the_model_within(module)
-        if id(module) not in self._causal_models:
-            self._causal_models[id(module)] = any(
-                type(m).__name__.endswith(("ForCausalLM", "LMHeadModel")) for m in module.modules()
-            )
-        self._called_causal = self._causal_models[id(module)]
         inputs = self.inputs(batch)
         if isinstance(inputs, Mapping):
             return module(**inputs)
@@ -206,6 +202,36 @@ class ModelInterface:
         if self.shifts_labels and logits.ndim == 3 and targets.shape == logits.shape[:2]:
             logits, targets = logits[:, :-1], targets[:, 1:]  # position t scores the token at t + 1
         return per_sample_nll(logits, targets, self.likelihood_of(logits, targets))
+
+    def is_causal(self, module: nn.Module) -> bool:
+        """Whether ``module``'s logits at position ``t`` score the token at ``t + 1``: ``causal``, else whether a
+        ``*ForCausalLM`` or ``*LMHeadModel`` module is within it (looked up once per module)."""
+        if self.causal is not None:
+            return self.causal
+        if id(module) not in self._causal_models:
+            self._causal_models[id(module)] = any(
+                type(m).__name__.endswith(("ForCausalLM", "LMHeadModel")) for m in module.modules()
+            )
+        return self._causal_models[id(module)]
+
+    def answer_positions(self, module: nn.Module, logits: Tensor, batch: Any) -> Tensor:
+        """The positions ``[B, T]`` of token-level logits ``[B, T, V]`` that a token-level term covers: those that
+        score a labelled token (label not ``-100``; for a causal LM the position before it), so a prompt and the
+        padding carry no term. Without token labels, the ``attention_mask``'s positions, else all of them."""
+        rows, length = logits.shape[:2]
+        if self.has_targets(batch):
+            targets = self.targets(batch)
+            if targets.shape == (rows, length) and not targets.is_floating_point():
+                labelled = targets != IGNORE_INDEX
+                if not self.is_causal(module):
+                    return labelled
+                before = torch.zeros_like(labelled)
+                before[:, :-1] = labelled[:, 1:]
+                return before
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        if isinstance(mask, Tensor) and mask.shape == (rows, length):
+            return mask.bool()
+        return torch.ones(rows, length, dtype=torch.bool, device=logits.device)
 
     @property
     def shifts_labels(self) -> bool:

@@ -168,7 +168,7 @@ class LwF(ContinualCallback):
         interface = interface_of(pl_module, self.model_interface)
         new_logits = step.logits_for(batch)
         mode = self._mode(interface, new_logits, batch)
-        if mode == "softmax" and self.task is None:
+        if mode == "softmax" and self.task is None and new_logits.ndim == 2:
             self._remember_labels(interface, new_logits, batch)
         if not self.old.kept:
             return output
@@ -177,7 +177,13 @@ class LwF(ContinualCallback):
             return add_to_loss(output, self.alpha * mse_distillation_loss(new_logits, old_logits))
         new_logits = new_logits[..., : old_logits.shape[-1]]  # columns past the old model's: grown classes
         loss = distillation_loss if mode == "softmax" else sigmoid_distillation_loss
-        new_rows, old_rows = new_logits.flatten(0, -2), old_logits.flatten(0, -2)  # token-level: every token a row
+        if new_logits.ndim == 3 and mode == "softmax":  # token-level (a language model): answer tokens, every column
+            positions = interface.answer_positions(pl_module, new_logits, batch)
+            new_rows, old_rows = new_logits[positions], old_logits[positions]
+            if not len(new_rows):  # no answer token in the batch
+                return output
+            return add_to_loss(output, self.alpha * loss(new_rows, old_rows, self.temperature))
+        new_rows, old_rows = new_logits.flatten(0, -2), old_logits.flatten(0, -2)
         term = sum(
             loss(new_rows[:, columns], old_rows[:, columns], self.temperature) * (new_rows.shape[0] / len(new_logits))
             for columns in self._heads(batch, old_logits.shape[-1], old_logits.device)

@@ -104,7 +104,11 @@ class DER(ReplayMethod):
             replayed, extras, masks = self.replay(batch, k, masks=True)
             stored = extras["logits"]
             logits = interface.predict(pl_module, replayed)[..., : stored.shape[-1]].float()
-            terms.append(self.alpha * _masked_mse(logits, stored, masks.get("logits")))
+            mask = masks.get("logits")
+            if logits.ndim == 3:  # token-level (a language model): the answer tokens only
+                answers = interface.answer_positions(pl_module, logits, replayed)[:, : stored.shape[1]]
+                mask = answers if mask is None else mask & answers
+            terms.append(self.alpha * _masked_mse(logits, stored, mask))
         if len(self.buffer) and self.beta > 0:
             replayed, _ = self.replay(batch, k)
             label_loss = step.user_loss(replayed)
