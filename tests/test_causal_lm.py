@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_incremental import AGEM, DER, EWC, MAS, SI, ExperienceReplay, LoRA, LwF, ModelInterface
+from lightning_incremental.methods.replay.der import stored_logits
 
 VOCAB = 64
 
@@ -72,6 +73,7 @@ METHODS = {
     "replay": lambda: [ExperienceReplay()],
     "der": lambda: [DER()],
     "derpp": lambda: [DER(alpha=0.3, beta=1.0)],
+    "der_top_8_logits": lambda: [DER(stored_logits=8)],
     "agem": lambda: [AGEM()],
     "lora_merge": lambda: [LoRA(target_modules=["q_proj", "v_proj"])],
     "lora_per_task": lambda: [LoRA(target_modules=["q_proj", "v_proj"], mode="per_task")],
@@ -135,3 +137,18 @@ def test_token_level_terms_cover_the_positions_that_score_answer_tokens():
     # without labels: the attention mask
     unlabelled = {key: value for key, value in batch.items() if key != "labels"}
     assert interface.answer_positions(model, logits, unlabelled).tolist() == batch["attention_mask"].bool().tolist()
+
+
+def test_der_keeps_each_token_s_largest_logits_within_the_memory_bound():
+    model, der = CausalLM(), DER(stored_logits=8)
+    for task in range(2):
+        L.Trainer(max_epochs=1, callbacks=[der], **QUIET).fit(
+            model, DataLoader(instruction_rows(task), batch_size=8, collate_fn=collate)
+        )
+    values, indices = der.buffer.extras["top_logits"], der.buffer.extras["top_indices"]
+    assert "logits" not in der.buffer.extras and values.shape[-1] == indices.shape[-1] == 8
+    assert values.dtype == torch.float16 and indices.dtype == torch.int32
+    assert (values.element_size() + indices.element_size()) * 8 * 64 <= 64 * 1024  # a 64-token row: 3 KiB here
+    # at SmolLM2's vocabulary and the default 64 logits a token, a 64-token row takes 24 KiB (64 KiB allowed)
+    kept = stored_logits(torch.randn(1, 64, 49_152), top_k=64)
+    assert sum(t.numel() * t.element_size() for t in kept.values()) == 24 * 1024

@@ -49,6 +49,10 @@ class DER(ReplayMethod):
         fill: when rows enter the buffer: ``"stream"`` (the paper), ``"first_epoch"`` or ``"task_end"``
             (with the logits of the model at the task's end).
         seed: seed of the buffer's sampling.
+        pad_values: the padding of variable-length batch entries the buffer stores (see ``ReplayMethod``).
+        stored_logits: for token-level logits with a larger vocabulary, the buffer keeps only each token's
+            ``stored_logits`` largest logits (fp16) and their indices, and the replayed term matches the current
+            logits at those entries (:func:`stored_logits`); ``None`` keeps every logit. Class logits are kept whole.
 
     Example::
 
@@ -80,8 +84,17 @@ class DER(ReplayMethod):
         seed: int = 0,
         model_interface: ModelInterface | None = None,
         pad_values: Mapping[str, PadValue] | None = None,
+        stored_logits: int | None = 64,
     ) -> None:
         super().__init__(buffer_size, policy, fill, seed, model_interface, pad_values)
+        if stored_logits is not None and (
+            isinstance(stored_logits, bool) or not isinstance(stored_logits, int) or stored_logits < 1
+        ):
+            raise ValueError(
+                f"`stored_logits` must be a positive integer (the largest logits kept per token) or None (all of "
+                f"them), got {stored_logits!r}."
+            )
+        self.stored_logits = stored_logits
         for name, value in (("alpha", alpha), ("beta", beta)):
             if not value >= 0:
                 raise ValueError(f"`{name}` must be >= 0, got {value}.")
@@ -102,9 +115,14 @@ class DER(ReplayMethod):
         terms = []
         if len(self.buffer) and self.alpha > 0:
             replayed, extras, masks = self.replay(batch, k, masks=True)
-            stored = extras["logits"]
-            logits = interface.predict(pl_module, replayed)[..., : stored.shape[-1]].float()
-            mask = masks.get("logits")
+            logits = interface.predict(pl_module, replayed).float()
+            if "logits" in extras:
+                stored, mask = extras["logits"], masks.get("logits")
+                logits = logits[..., : stored.shape[-1]]
+            else:  # the largest logits of each token: the current logits at the same vocabulary entries
+                stored, mask = extras["top_logits"].float(), masks.get("top_logits")
+                indices = extras["top_indices"].long()
+                logits = logits[:, : indices.shape[1]].gather(-1, indices)
             if logits.ndim == 3:  # token-level (a language model): the answer tokens only
                 answers = interface.answer_positions(pl_module, logits, replayed)[:, : stored.shape[1]]
                 mask = answers if mask is None else mask & answers
@@ -115,12 +133,32 @@ class DER(ReplayMethod):
             if label_loss is not None:
                 terms.append(self.beta * label_loss)
         if self.inserts_now(trainer):
-            self.insert(batch, {"logits": step.logits_for(batch).detach().float()})
+            self.insert(batch, stored_logits(step.logits_for(batch).detach(), self.stored_logits))
         return add_to_loss(output, sum(terms)) if terms else output
 
     @override
     def extras_at_task_end(self, pl_module: LightningModule, batch: Any) -> dict[str, Tensor]:
-        return {"logits": interface_of(pl_module, self.model_interface).predict(pl_module, batch).float()}
+        logits = interface_of(pl_module, self.model_interface).predict(pl_module, batch)
+        return stored_logits(logits, self.stored_logits)
+
+
+def stored_logits(logits: Tensor, top_k: int | None) -> dict[str, Tensor]:
+    """What the buffer keeps of a batch's logits: all of them in fp32 (``"logits"``), or for token-level logits
+    ``[B, T, V]`` with ``V > top_k`` (a language model's vocabulary) the ``top_k`` largest of every token, as fp16
+    values (``"top_logits"``) and int32 vocabulary indices (``"top_indices"``): ``6 * top_k`` bytes a token,
+    24 KiB for a row of 64 tokens at the default 64, where SmolLM2's 49,152 fp32 logits would take 12 MiB.
+
+    >>> import torch
+    >>> kept = stored_logits(torch.arange(10.0).view(1, 1, 10), top_k=2)
+    >>> kept["top_logits"].tolist(), kept["top_indices"].tolist()
+    ([[[9.0, 8.0]]], [[[9, 8]]])
+    >>> sorted(stored_logits(torch.zeros(4, 3), top_k=2))  # class logits: kept whole
+    ['logits']
+    """
+    if top_k is None or logits.ndim != 3 or logits.shape[-1] <= top_k:
+        return {"logits": logits.float()}
+    values, indices = logits.float().topk(top_k, dim=-1)
+    return {"top_logits": values.half(), "top_indices": indices.int()}
 
 
 def _masked_mse(logits: Tensor, stored: Tensor, mask: Tensor | None) -> Tensor:
