@@ -70,6 +70,7 @@ METHODS = {
     "si": lambda: [SI()],
     "mas": lambda: [MAS()],
     "lwf": lambda: [LwF()],
+    "lwf_top_8_logits": lambda: [LwF(top_k=8)],
     "replay": lambda: [ExperienceReplay()],
     "der": lambda: [DER()],
     "derpp": lambda: [DER(alpha=0.3, beta=1.0)],

@@ -26,7 +26,7 @@ from lightning_incremental.core.classifier import (
     logits_producers,
     resolve_submodule,
 )
-from lightning_incremental.core.distillation import class_columns, distillation_loss
+from lightning_incremental.core.distillation import class_columns, distillation_loss, top_k_distillation_loss
 from lightning_incremental.core.distributed import all_reduce_sum, rank_and_world_size
 from lightning_incremental.core.freezing import FrozenPart, batchnorms_without_training
 from lightning_incremental.core.interface import ModelInterface, check_interface_argument, interface_of
@@ -109,6 +109,7 @@ __all__ = [
     "task_labels_of",
     "task_of",
     "task_rows",
+    "top_k_distillation_loss",
     "validation_dataloaders",
     "with_leaves",
 ]

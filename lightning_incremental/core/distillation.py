@@ -24,6 +24,22 @@ def distillation_loss(new_logits: Tensor, old_logits: Tensor, temperature: float
     return temperature**2 * F.kl_div(log_new, log_old, reduction="sum", log_target=True) / new_logits.shape[0]
 
 
+def top_k_distillation_loss(new_logits: Tensor, old_top: Tensor, old_indices: Tensor, temperature: float) -> Tensor:
+    r"""``T^2 * KL(p_old || p_new)`` over the old model's ``k`` largest logits of every row (``old_top`` and their
+    vocabulary indices ``old_indices``, ``[rows, k]``): ``p_old`` is the softmax of those ``k``, ``p_new`` the new
+    model's softmax over every column, read at them. Averaged over the rows, in fp32. With ``k`` every column it is
+    :func:`distillation_loss`.
+
+    >>> new, old = torch.tensor([[0.0, 1.0, 2.0]]), torch.tensor([[2.0, 0.0, -1.0]])
+    >>> top, indices = old.topk(3)
+    >>> torch.allclose(top_k_distillation_loss(new, top, indices, 2.0), distillation_loss(new, old, 2.0))
+    True
+    """
+    log_new = F.log_softmax(new_logits.float() / temperature, dim=-1).gather(-1, old_indices.long())
+    log_old = F.log_softmax(old_top.float() / temperature, dim=-1)
+    return temperature**2 * (log_old.exp() * (log_old - log_new)).sum() / new_logits.shape[0]
+
+
 @functools.lru_cache(maxsize=16)
 def class_columns(classes: tuple[int, ...], num_outputs: int, device: torch.device | str) -> Tensor | slice:
     """The output columns of ``classes`` as an index on ``device`` (every column, as a slice, when they are all of

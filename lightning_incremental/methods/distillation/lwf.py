@@ -22,6 +22,7 @@ from lightning_incremental.core import (
     distillation_loss,
     interface_of,
     task_labels_of,
+    top_k_distillation_loss,
 )
 
 Distillation = Literal["auto", "softmax", "sigmoid", "mse"]
@@ -70,7 +71,11 @@ class LwF(ContinualCallback):
     softmax KL above; multi-label logits by the binary cross-entropy of the sigmoids
     (:func:`sigmoid_distillation_loss`); real-valued outputs (regression) by the squared distance to the old
     outputs (:func:`mse_distillation_loss`), where a softmax would be constant and distil nothing. Token-level
-    logits ``[B, T, V]`` are distilled per token.
+    logits ``[B, T, V]`` (a language model) are distilled on the tokens that score an answer token (label not
+    -100: :meth:`~lightning_incremental.ModelInterface.answer_positions`), over the whole vocabulary; with a
+    vocabulary larger than ``top_k``, over the old model's ``top_k`` largest logits of each token
+    (:func:`~lightning_incremental.core.top_k_distillation_loss`), so what LwF holds of the old outputs is
+    ``top_k`` values and indices per answer token.
 
     **Composition.** LwF distils on the rows its wrapped step receives: after
     :class:`~lightning_incremental.ExperienceReplay` in the callback list (so replay extends the batch first)
@@ -89,6 +94,8 @@ class LwF(ContinualCallback):
         logits_module: the submodule whose output is the logits (name or module); found by default.
         model_interface: how to read the model's outputs and targets; default: the model's
             ``continual_interface``, else :class:`~lightning_incremental.ModelInterface`'s defaults.
+        top_k: for token-level logits with a larger vocabulary, distil over the old model's ``top_k`` largest
+            logits of each answer token; ``None``: over every logit. Class logits are distilled whole.
 
     Example::
 
@@ -117,8 +124,15 @@ class LwF(ContinualCallback):
         distillation: Distillation = "auto",
         logits_module: str | nn.Module | None = None,
         model_interface: ModelInterface | None = None,
+        top_k: int | None = 64,
     ) -> None:
         super().__init__()
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(
+                f"`top_k` must be a positive integer (the old model's largest logits kept per token) or None (all of "
+                f"them), got {top_k!r}."
+            )
+        self.top_k = top_k
         if not alpha >= 0:
             raise ValueError(f"`alpha` must be >= 0, got {alpha}.")
         if not temperature > 0:
@@ -180,9 +194,15 @@ class LwF(ContinualCallback):
         if new_logits.ndim == 3 and mode == "softmax":  # token-level (a language model): answer tokens, every column
             positions = interface.answer_positions(pl_module, new_logits, batch)
             new_rows, old_rows = new_logits[positions], old_logits[positions]
+            del old_logits  # held from here on: the answer tokens' old logits, or their top k
             if not len(new_rows):  # no answer token in the batch
                 return output
-            return add_to_loss(output, self.alpha * loss(new_rows, old_rows, self.temperature))
+            if self.top_k is None or old_rows.shape[-1] <= self.top_k:
+                return add_to_loss(output, self.alpha * loss(new_rows, old_rows, self.temperature))
+            old_top, old_indices = old_rows.float().topk(self.top_k, dim=-1)
+            del old_rows
+            term = top_k_distillation_loss(new_rows, old_top, old_indices, self.temperature)
+            return add_to_loss(output, self.alpha * term)
         new_rows, old_rows = new_logits.flatten(0, -2), old_logits.flatten(0, -2)
         term = sum(
             loss(new_rows[:, columns], old_rows[:, columns], self.temperature) * (new_rows.shape[0] / len(new_logits))
