@@ -7,6 +7,7 @@ Every method, head and tool is importable from here, as Lightning's own callback
 from lightning_incremental.buffers import ReplayBuffer
 from lightning_incremental.core import ContinualCallback, ModelInterface, TaskCheckpoint
 from lightning_incremental.evaluation import ContinualEvaluation, ContinualResult
+from lightning_incremental.generative import CandidateLikelihood, candidate_item, collate_candidates
 from lightning_incremental.heads import GrowHeads, IncrementalClassifier, MultiHeadClassifier
 from lightning_incremental.methods.distillation import LwF
 from lightning_incremental.methods.fusion import WeightMerging
@@ -26,6 +27,7 @@ __all__ = [
     "EWC",
     "MAS",
     "SI",
+    "CandidateLikelihood",
     "ContinualCallback",
     "ContinualEvaluation",
     "ContinualResult",
@@ -46,6 +48,8 @@ __all__ = [
     "ReplayBuffer",
     "TaskCheckpoint",
     "WeightMerging",
+    "candidate_item",
+    "collate_candidates",
     "fit_tasks",
     "load_task_checkpoint",
 ]

@@ -11,7 +11,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lightning_incremental import AGEM, DER, EWC, MAS, SI, ExperienceReplay, LoRA, LwF, ModelInterface
+from lightning_incremental import (
+    AGEM,
+    DER,
+    EWC,
+    MAS,
+    SI,
+    CandidateLikelihood,
+    ContinualEvaluation,
+    ExperienceReplay,
+    LoRA,
+    LwF,
+    ModelInterface,
+    candidate_item,
+    collate_candidates,
+)
 from lightning_incremental.methods.replay.der import stored_logits
 
 VOCAB = 64
@@ -153,3 +167,48 @@ def test_der_keeps_each_token_s_largest_logits_within_the_memory_bound():
     # at SmolLM2's vocabulary and the default 64 logits a token, a 64-token row takes 24 KiB (64 KiB allowed)
     kept = stored_logits(torch.randn(1, 64, 49_152), top_k=64)
     assert sum(t.numel() * t.element_size() for t in kept.values()) == 24 * 1024
+
+
+def candidate_items(task: int, n: int = 16) -> list[dict]:
+    """The task's prompts with 4 candidate answers; the right one at a position that varies."""
+    items = []
+    for index, (prompt, answer) in enumerate(instruction_rows(task, n)):
+        wrong = [[(answer[0] + shift - 10) % 50 + 10, 3] for shift in (5, 17, 29)]
+        right = index % 4
+        items.append(candidate_item(prompt, [*wrong[:right], answer, *wrong[right:]], right))
+    return items
+
+
+def test_candidate_likelihood_scores_each_candidate_by_the_model_s_own_loss():
+    model = CausalLM().eval()
+    batch = collate_candidates(candidate_items(0, n=3))
+    scores = CandidateLikelihood()(model, batch)
+    assert scores.shape == (3, 4)
+    for item in range(3):
+        for k in range(4):
+            row = {key: batch[key][item, k : k + 1] for key in ("input_ids", "attention_mask", "labels")}
+            with torch.no_grad():
+                own = model.model(**row).loss * (row["labels"] != -100).sum()  # the mean over the candidate's tokens
+            torch.testing.assert_close(scores[item, k], -own, rtol=0, atol=1e-4)
+
+
+class EvaluatedCausalLM(CausalLM):
+    """The user's module with a validation step, so that Lightning prepares its validation loaders."""
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        pass
+
+
+def test_continual_evaluation_measures_generative_tasks_by_candidate_likelihood():
+    model = EvaluatedCausalLM()
+    evaluation = ContinualEvaluation(predict=CandidateLikelihood(), num_classes=4)
+    validation = [DataLoader(candidate_items(task), batch_size=8, collate_fn=collate_candidates) for task in range(2)]
+    for task in range(2):
+        train = DataLoader(instruction_rows(task), batch_size=8, collate_fn=collate)
+        L.Trainer(max_epochs=1, callbacks=[evaluation], num_sanity_val_steps=0, **QUIET).fit(
+            model, train, val_dataloaders=validation[: task + 1]
+        )
+    matrix = evaluation.matrix
+    assert [len(row) for row in matrix] == [1, 2] and all(0.0 <= value <= 1.0 for row in matrix for value in row)
+    rescored = CandidateLikelihood()(model.eval(), collate_candidates(candidate_items(1)))
+    assert (rescored.argmax(-1) == torch.arange(16) % 4).float().mean().item() == matrix[1][1]  # deterministic
