@@ -212,3 +212,49 @@ def test_continual_evaluation_measures_generative_tasks_by_candidate_likelihood(
     assert [len(row) for row in matrix] == [1, 2] and all(0.0 <= value <= 1.0 for row in matrix for value in row)
     rescored = CandidateLikelihood()(model.eval(), collate_candidates(candidate_items(1)))
     assert (rescored.argmax(-1) == torch.arange(16) % 4).float().mean().item() == matrix[1][1]  # deterministic
+
+
+def general_text(n: int = 12) -> list[dict[str, torch.Tensor]]:
+    """Batches of text of the base model's domain, with the language-model loss on every token."""
+    generator = torch.Generator().manual_seed(99)
+    batches = []
+    for _ in range(n // 4):
+        input_ids = torch.randint(10, 60, (4, 9), generator=generator)
+        batches.append({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids})
+    return batches
+
+
+class RowCounting(CausalLM):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        self.rows.append(len(batch["input_ids"]))
+        return super().training_step(batch, batch_idx)
+
+
+def test_general_text_is_replayed_beside_every_task_and_only_it():
+    model = RowCounting()
+    general = ExperienceReplay(buffer_size=12, ratio=0.5, fill="none")  # a few general rows in every batch
+    general.prefill(general_text())
+    for task in range(2):
+        L.Trainer(max_epochs=1, callbacks=[general], **QUIET).fit(
+            model, DataLoader(instruction_rows(task), batch_size=8, collate_fn=collate)
+        )
+    input_ids = general.buffer.storage[0][: len(general.buffer)]  # the batch's first entry, row by row
+    kept = {tuple(row.tolist()) for row in input_ids}
+    assert len(general.buffer) == 12 and model.rows == [8 + 4] * 8  # 4 general rows joined each batch of 8
+    assert kept == {tuple(row.tolist()) for batch in general_text() for row in batch["input_ids"]}
+
+
+def test_lwf_with_the_base_teacher_keeps_the_model_before_the_first_task():
+    model, lwf = CausalLM(), LwF(teacher="base")
+    base = {name: t.clone() for name, t in model.state_dict().items()}
+    for task in range(2):
+        L.Trainer(max_epochs=1, callbacks=[lwf], **QUIET).fit(
+            model, DataLoader(instruction_rows(task), batch_size=8, collate_fn=collate)
+        )
+    teacher = lwf.old.state_dict()
+    assert all(torch.equal(teacher[name], base[name]) for name in base)
+    assert not all(torch.equal(model.state_dict()[name], base[name]) for name in base)  # the model did train

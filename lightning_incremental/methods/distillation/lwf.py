@@ -96,6 +96,9 @@ class LwF(ContinualCallback):
             ``continual_interface``, else :class:`~lightning_incremental.ModelInterface`'s defaults.
         top_k: for token-level logits with a larger vocabulary, distil over the old model's ``top_k`` largest
             logits of each answer token; ``None``: over every logit. Class logits are distilled whole.
+        teacher: ``"last_task"``: the model at the last task end (LwF); ``"base"``: the model before the first
+            task, kept for good, to keep a pretrained model's own outputs (beside a replay of general text, on its
+            rows too: put the replay method first).
 
     Example::
 
@@ -125,8 +128,12 @@ class LwF(ContinualCallback):
         logits_module: str | nn.Module | None = None,
         model_interface: ModelInterface | None = None,
         top_k: int | None = 64,
+        teacher: Literal["last_task", "base"] = "last_task",
     ) -> None:
         super().__init__()
+        if teacher not in ("last_task", "base"):
+            raise ValueError(f"`teacher` must be 'last_task' or 'base', got {teacher!r}.")
+        self.teacher = teacher
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(
                 f"`top_k` must be a positive integer (the old model's largest logits kept per token) or None (all of "
@@ -163,10 +170,13 @@ class LwF(ContinualCallback):
     @override
     def on_task_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._labels_seen = None
+        if self.teacher == "base" and not self.old.kept:  # the model before any task: the pretrained base
+            self.old.keep(pl_module)
 
     @override
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.old.keep(pl_module)
+        if self.teacher == "last_task":
+            self.old.keep(pl_module)
         if self.task is not None:
             classes = list(self.task.classes)
         else:  # the user's own data: the class labels its batches carried (one host sync per task)

@@ -1,7 +1,7 @@
 """What every replay method shares: the buffer, filling it from batches, the policy that fits the targets,
 replaying rows in the batch's own structure (sequences padded per key), and one global buffer over DDP ranks."""
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -27,6 +27,7 @@ from lightning_incremental.core import (
     batch_leaves,
     batch_size_of,
     check_interface_argument,
+    index_batch,
     interface_of,
     own_pass,
     rank_and_world_size,
@@ -35,8 +36,8 @@ from lightning_incremental.core import (
     with_leaves,
 )
 
-Fill = Literal["stream", "first_epoch", "task_end"]
-FILLS = ("stream", "first_epoch", "task_end")
+Fill = Literal["stream", "first_epoch", "task_end", "none"]
+FILLS = ("stream", "first_epoch", "task_end", "none")
 PolicyChoice = Literal["auto", "reservoir", "class_balanced", "task_balanced"]
 POLICY_CHOICES = ("auto", *POLICIES)
 
@@ -67,7 +68,9 @@ class ReplayMethod(ContinualCallback):
     (task-free; with several epochs a row is offered once per epoch), ``"first_epoch"`` only the batches of
     a task's first epoch (every row once), ``"task_end"`` the whole task once more at its end, with the
     extras the final model gives (:meth:`extras_at_task_end`), in eval mode, without gradients, and without
-    touching the random streams the user's shuffling and dropout draw from. A first fit that replayed nothing
+    touching the random streams the user's shuffling and dropout draw from; ``"none"`` only the rows given to
+    :meth:`prefill` (general data of the pretrained model's domain replayed beside every task, the continual
+    pre-training recipe; stack a second replay method for the tasks' own rows). A first fit that replayed nothing
     with ``fill="task_end"`` (a single task-free fit trains exactly as without replay) warns and names
     ``fill="stream"``, unless its data come from a :class:`~lightning_incremental.scenarios.TaskStream` or the
     Trainer has a :class:`~lightning_incremental.TaskCheckpoint` (every fit is an update: the next one replays).
@@ -105,6 +108,7 @@ class ReplayMethod(ContinualCallback):
         self._checked = False  # this fit's first batch was checked against the policy
         self._replayed = False  # rows were replayed in this fit
         self._world_size = 1  # the number of ranks the buffer is laid out for
+        self._prefill: list[Any] = []  # batches given to `prefill`, offered to the buffer at the next fit start
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -115,6 +119,20 @@ class ReplayMethod(ContinualCallback):
             self.buffer = self.buffer.share(trainer.global_rank, trainer.world_size, self.seed)
             self._world_size = trainer.world_size
         self.buffer.to(pl_module.device)  # a buffer restored from a checkpoint comes on the CPU
+        rank, world = trainer.global_rank, trainer.world_size
+        for batch in self._prefill:  # this rank's share of every row: a global buffer, nothing held twice
+            share = torch.arange(rank, batch_size_of(batch), world)
+            if len(share):
+                rows = apply_to_collection(index_batch(batch, share), Tensor, lambda t: t.to(pl_module.device))
+                self.insert(rows)
+        self._prefill = []
+
+    def prefill(self, batches: Iterable[Any]) -> None:
+        """Offer the rows of ``batches`` (of the structure of the training batches, on any device) to the buffer at
+        the next fit's start, each rank its share: data to replay that no task trains on, such as general text of
+        the pretrained model's domain with the language-model loss on every token (with ``fill="none"`` nothing
+        else enters the buffer). The buffer keeps them like any rows: in its state and checkpoints."""
+        self._prefill.extend(batches)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:

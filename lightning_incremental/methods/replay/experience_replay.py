@@ -43,8 +43,9 @@ class ExperienceReplay(ReplayMethod):
         policy: ``"auto"``, ``"reservoir"``, ``"class_balanced"`` (refused at the first step when the targets
             are not one class label per row) or ``"task_balanced"`` (the task labels of ``(x, y, t)`` batches,
             else the task index).
-        fill: when rows enter the buffer: ``"task_end"``, ``"stream"`` (task-free) or ``"first_epoch"`` (every
-            row once, as it is trained on).
+        fill: when rows enter the buffer: ``"task_end"``, ``"stream"`` (task-free), ``"first_epoch"`` (every
+            row once, as it is trained on) or ``"none"`` (only the rows of :meth:`prefill`: general data replayed
+            beside every task).
         seed: seed of the buffer's sampling.
         model_interface: how the targets are read from a batch
             (:class:`~lightning_incremental.ModelInterface`); default the model's ``continual_interface``, else
