@@ -7,7 +7,14 @@ Every method, head and tool is importable from here, as Lightning's own callback
 from lightning_incremental.buffers import ReplayBuffer
 from lightning_incremental.core import ContinualCallback, ModelInterface, TaskCheckpoint
 from lightning_incremental.evaluation import ContinualEvaluation, ContinualResult
-from lightning_incremental.generative import CandidateLikelihood, candidate_item, collate_candidates
+from lightning_incremental.generative import (
+    CandidateLikelihood,
+    GreedyExactMatch,
+    candidate_item,
+    collate_candidates,
+    collate_generation,
+    generation_item,
+)
 from lightning_incremental.heads import GrowHeads, IncrementalClassifier, MultiHeadClassifier
 from lightning_incremental.methods.distillation import LwF
 from lightning_incremental.methods.fusion import WeightMerging
@@ -33,6 +40,7 @@ __all__ = [
     "ContinualResult",
     "ExperienceReplay",
     "FreezeLayers",
+    "GreedyExactMatch",
     "GrowHeads",
     "ICaRL",
     "IncrementalClassifier",
@@ -50,6 +58,8 @@ __all__ = [
     "WeightMerging",
     "candidate_item",
     "collate_candidates",
+    "collate_generation",
     "fit_tasks",
+    "generation_item",
     "load_task_checkpoint",
 ]

@@ -1,5 +1,5 @@
 """Scoring a language model's answers for :class:`~lightning_incremental.ContinualEvaluation`: by the likelihood of
-candidate answers.
+candidate answers, or by the exact match of a greedy generation.
 
 A test item is a prompt, ``K`` candidate answers and the index of the right one (:func:`candidate_item`); a batch
 stacks them as ``[B, K, T]`` token ids (:func:`collate_candidates`). :class:`CandidateLikelihood` scores each
@@ -10,6 +10,14 @@ right answer scores highest. Deterministic (no sampling) and batched; the model 
 ``self.model`` works as it is::
 
     ContinualEvaluation(stream, predict=CandidateLikelihood(), num_classes=K, collate_fn=collate_candidates)
+
+A generation test item is a prompt and its reference answer (:func:`generation_item`); :class:`GreedyExactMatch`
+generates greedily (the model's own ``generate``, prompts left-padded by :func:`collate_generation`) as many tokens as
+the longest reference, and torchmetrics' ``MulticlassExactMatch`` over the vocabulary (``ignore_index=-100``) counts
+the answers generated exactly::
+
+    ContinualEvaluation(stream, predict=GreedyExactMatch(), metric=MulticlassExactMatch(vocab_size,
+                        ignore_index=-100), collate_fn=collate_generation)
 """
 
 from collections.abc import Sequence
@@ -20,7 +28,13 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 from torch.nn import functional as F
 
-from lightning_incremental.core import IGNORE_INDEX, ModelInterface, check_interface_argument, interface_of
+from lightning_incremental.core import (
+    IGNORE_INDEX,
+    ModelInterface,
+    check_interface_argument,
+    interface_of,
+    model_within,
+)
 
 
 def candidate_item(prompt: Sequence[int], candidates: Sequence[Sequence[int]], answer: int) -> dict[str, Any]:
@@ -115,3 +129,79 @@ class CandidateLikelihood:
         if self.reduction == "mean":
             totals = totals / scored.sum(-1).clamp_min(1)
         return totals.view(items, candidates)
+
+
+def generation_item(prompt: Sequence[int], answer: Sequence[int]) -> dict[str, Any]:
+    """One generation test item: the prompt's token ids and the reference answer's.
+
+    >>> generation_item([5, 6], [7, 3])
+    {'input_ids': [5, 6], 'label': [7, 3]}
+    """
+    if not answer:
+        raise ValueError("The reference answer needs at least one token.")
+    return {"input_ids": list(prompt), "label": list(answer)}
+
+
+def collate_generation(items: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, Tensor]:
+    """Items of :func:`generation_item` as a batch: the prompts left-padded with ``pad_id`` (generation continues
+    every row from its last position), their ``attention_mask``, and the references ``label`` ``[B, A]`` right-padded
+    with -100.
+
+    >>> batch = collate_generation([generation_item([5, 6], [7]), generation_item([8], [9, 3])])
+    >>> batch["input_ids"].tolist(), batch["attention_mask"].tolist(), batch["label"].tolist()
+    ([[5, 6], [0, 8]], [[1, 1], [0, 1]], [[7, -100], [9, 3]])
+    """
+    prompt_length = max(len(item["input_ids"]) for item in items)
+    answer_length = max(len(item["label"]) for item in items)
+    input_ids = torch.full((len(items), prompt_length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    label = torch.full((len(items), answer_length), IGNORE_INDEX, dtype=torch.long)
+    for row, item in enumerate(items):
+        prompt, answer = item["input_ids"], item["label"]
+        input_ids[row, prompt_length - len(prompt) :] = torch.tensor(prompt)
+        attention_mask[row, prompt_length - len(prompt) :] = 1
+        label[row, : len(answer)] = torch.tensor(answer)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "label": label}
+
+
+class GreedyExactMatch:
+    """``predict`` for :class:`~lightning_incremental.ContinualEvaluation`: the tokens a Hugging Face causal LM
+    generates greedily after each prompt, ``[B, A]`` for references of up to ``A`` tokens (padded with ``pad_id`` past
+    an end of sequence). Deterministic (no sampling) and batched.
+
+    Args:
+        pad_id: the id generation pads with (the tokenizer's pad id, else its end-of-sequence id).
+
+    Example::
+
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        ...                      num_attention_heads=2, num_key_value_heads=2)
+        >>> batch = collate_generation([generation_item([1, 2], [3, 4, 5]), generation_item([6], [7])])
+        >>> GreedyExactMatch()(LlamaForCausalLM(config).eval(), batch).shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(self, pad_id: int = 0) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, pl_module: LightningModule, batch: dict[str, Tensor]) -> Tensor:
+        """The generated tokens of a :func:`collate_generation` batch, as long as its references."""
+        model = model_within(pl_module)
+        if not hasattr(model, "generate"):
+            raise TypeError(
+                f"GreedyExactMatch generates with the model's own `generate` (a Hugging Face causal LM), and "
+                f"{type(model).__name__} has none. Score candidate answers with CandidateLikelihood instead."
+            )
+        prompt_length, answer_length = batch["input_ids"].shape[1], batch["label"].shape[1]
+        with torch.no_grad():
+            generated = model.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                max_new_tokens=answer_length,
+                min_new_tokens=answer_length,
+                do_sample=False,
+                pad_token_id=self.pad_id,
+            )
+        new = generated[:, prompt_length:]
+        return F.pad(new, (0, answer_length - new.shape[1]), value=self.pad_id)

@@ -20,11 +20,14 @@ from lightning_incremental import (
     CandidateLikelihood,
     ContinualEvaluation,
     ExperienceReplay,
+    GreedyExactMatch,
     LoRA,
     LwF,
     ModelInterface,
     candidate_item,
     collate_candidates,
+    collate_generation,
+    generation_item,
 )
 from lightning_incremental.methods.replay.der import stored_logits
 
@@ -258,3 +261,33 @@ def test_lwf_with_the_base_teacher_keeps_the_model_before_the_first_task():
     teacher = lwf.old.state_dict()
     assert all(torch.equal(teacher[name], base[name]) for name in base)
     assert not all(torch.equal(model.state_dict()[name], base[name]) for name in base)  # the model did train
+
+
+def test_greedy_exact_match_generates_what_a_step_by_step_argmax_gives_left_padded_or_not():
+    model = CausalLM().eval()
+    items = [generation_item(prompt, answer) for prompt, answer in instruction_rows(0, n=3)]
+    generated = GreedyExactMatch()(model, collate_generation(items))
+    for row, item in enumerate(items):
+        tokens = torch.tensor([item["input_ids"]])
+        for _ in range(2):  # the answers have 2 tokens
+            with torch.no_grad():
+                next_token = model.model(input_ids=tokens).logits[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, next_token], dim=1)
+        assert generated[row].tolist() == tokens[0, -2:].tolist()
+
+
+def test_continual_evaluation_measures_generative_tasks_by_exact_match():
+    from torchmetrics.classification import MulticlassExactMatch
+
+    model = EvaluatedCausalLM()
+    metric = MulticlassExactMatch(VOCAB, ignore_index=-100)
+    evaluation = ContinualEvaluation(predict=GreedyExactMatch(), metric=metric)
+    items = [generation_item(prompt, answer) for prompt, answer in instruction_rows(0, n=8)]
+    validation = DataLoader(items, batch_size=4, collate_fn=collate_generation)
+    train = DataLoader(instruction_rows(0), batch_size=8, collate_fn=collate)
+    L.Trainer(max_epochs=1, callbacks=[evaluation], num_sanity_val_steps=0, **QUIET).fit(
+        model, train, val_dataloaders=[validation]
+    )
+    generated = GreedyExactMatch()(model.eval(), collate_generation(items))
+    exact = [generated[row].tolist() == item["label"] for row, item in enumerate(items)]
+    assert evaluation.matrix == [[sum(exact) / len(exact)]]

@@ -29,7 +29,7 @@ from lightning_incremental.core.classifier import (
 from lightning_incremental.core.distillation import class_columns, distillation_loss, top_k_distillation_loss
 from lightning_incremental.core.distributed import all_reduce_sum, rank_and_world_size
 from lightning_incremental.core.freezing import FrozenPart, batchnorms_without_training
-from lightning_incremental.core.interface import ModelInterface, check_interface_argument, interface_of
+from lightning_incremental.core.interface import ModelInterface, check_interface_argument, interface_of, model_within
 from lightning_incremental.core.modules import OldModel, frozen_copy
 from lightning_incremental.core.optimizer_state import (
     CarriedOptimizerState,
@@ -93,6 +93,7 @@ __all__ = [
     "local",
     "logging_step",
     "logits_producers",
+    "model_within",
     "optimizer_state_carrier",
     "own_pass",
     "private_pass",

@@ -143,7 +143,7 @@ class ModelInterface:
         if self._forward is not None:
             return self._forward(module, batch)
         self._called_causal = self.is_causal(module)
-        module = _the_model_within(module)
+        module = model_within(module)
         inputs = self.inputs(batch)
         if isinstance(inputs, Mapping):
             return module(**inputs)
@@ -289,7 +289,7 @@ def per_sample_nll(logits: Tensor, targets: Tensor, likelihood: str) -> Tensor:
     raise ValueError(f"Unknown likelihood {likelihood!r}; choose from {LIKELIHOODS}.")
 
 
-def _the_model_within(module: nn.Module) -> nn.Module:
+def model_within(module: nn.Module) -> nn.Module:
     """``module``, or its one child with parameters when ``module`` defines no ``forward`` (a LightningModule that
     wraps a Hugging Face model as ``self.model``); refused, with the fix, when there is no such single child."""
     owner = next(cls for cls in type(module).__mro__ if "forward" in cls.__dict__)
