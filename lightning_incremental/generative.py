@@ -116,19 +116,14 @@ class CandidateLikelihood:
                     "`collate_fn`)."
                 )
         items, candidates, _ = batch["input_ids"].shape
-        rows = {key: batch[key].flatten(0, 1) for key in ("input_ids", "attention_mask")}
+        rows = {key: batch[key].flatten(0, 1) for key in ("input_ids", "attention_mask", "labels")}
         interface = interface_of(pl_module, self.model_interface)
-        with torch.no_grad():
-            logits = interface.predict(pl_module, rows).float()
-        labels = batch["labels"].flatten(0, 1)
-        if interface.is_causal(pl_module):
-            logits, labels = logits[:, :-1], labels[:, 1:]  # position t scores the token at t + 1
-        scored = labels != IGNORE_INDEX
-        log_probs = F.log_softmax(logits, dim=-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        totals = (log_probs * scored).sum(-1)
-        if self.reduction == "mean":
-            totals = totals / scored.sum(-1).clamp_min(1)
-        return totals.view(items, candidates)
+        with torch.no_grad():  # the model's own loss per row: the mean over the candidate's tokens
+            scores = -interface.per_sample_loss(interface.predict(pl_module, rows), rows)
+        if self.reduction == "sum":
+            labels = rows["labels"][:, 1:] if interface.shifts_labels else rows["labels"]
+            scores = scores * (labels != IGNORE_INDEX).sum(-1)
+        return scores.view(items, candidates)
 
 
 def generation_item(prompt: Sequence[int], answer: Sequence[int]) -> dict[str, Any]:

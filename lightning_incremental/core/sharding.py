@@ -41,14 +41,15 @@ def any_sharded(params: Iterable[Tensor]) -> bool:
 
 def local(tensor: Tensor) -> Tensor:
     """This rank's shard of ``tensor`` as a plain tensor sharing its storage (in-place ops write the parameter or
-    gradient), the same object at every call; ``tensor`` itself when it is not sharded.
+    gradient); ``tensor`` itself when it is not sharded. Not the same object at every call: key state by the
+    parameter, never by its shard.
 
     >>> t = torch.ones(2)
     >>> local(t) is t
     True
     """
     if isinstance(tensor, DTensor):
-        with torch.no_grad():  # without autograd, to_local returns the stored shard, not a new view
+        with torch.no_grad():  # a view of the stored shard, outside any autograd graph
             return tensor.to_local()
     return tensor
 

@@ -68,7 +68,8 @@ def trim_top_k(task_vector: Mapping[str, Tensor], top_k: float, sharded: bool = 
         torch.abs(tensor.detach().flatten(), out=part)
     total = magnitudes.numel()
     if sharded:
-        total = int(all_reduce_sum([torch.tensor([float(total)], dtype=torch.float64)])[0].item())
+        count = torch.tensor([float(total)], dtype=torch.float64, device=first.device)
+        total = int(all_reduce_sum([count])[0].item())
     keep = math.ceil(top_k * total)
     if keep >= total:
         return {name: tensor.clone() for name, tensor in task_vector.items()}

@@ -121,7 +121,8 @@ class SampledImportance(QuadraticPenalty):
                 chunk_size=self.chunk_size,
             )
         if any_sharded(params.values()):  # each rank keeps its shard of the sums, reduce-scattered
-            count = int(all_reduce_sum([torch.tensor([float(count)])])[0].item())
+            device = next(iter(sums.values())).device  # the collective's device (NCCL takes no CPU tensor)
+            count = int(all_reduce_sum([torch.tensor([float(count)], device=device)])[0].item())
             sums = {name: sum_to_shard(total, params[name]) for name, total in sums.items()}
         else:
             sums, count = all_reduce_sums(sums, count)

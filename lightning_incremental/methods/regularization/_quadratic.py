@@ -153,7 +153,8 @@ class QuadraticPenalty(ContinualCallback):
         """Cache ``lambda * Omega`` and ``-lambda * Omega * theta*`` per live parameter, padded to grown shapes.
 
         Parameters that did not exist at the last consolidation get no term (zero importance). A loaded state's
-        full tensors become this rank's shards of a sharded model first; terms are keyed by the local shard.
+        full tensors become this rank's shards of a sharded model first; terms are keyed by the parameter and hold
+        its shard's shape.
         """
         params = dict(pl_module.named_parameters())
         self._sharded = {name: p for name, p in params.items() if is_sharded(p)}
