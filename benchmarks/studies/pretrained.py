@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # benchmarks/: the harness a
 
 import lightning as L
 import torch
-from harness import QUIET, quiet_lightning
+from harness import QUIET, TrainableCount, quiet_lightning
 from lightning.pytorch import Callback
 from sections import add_results_argument, publish
 from torch import nn
@@ -78,16 +78,6 @@ class Run:
     @property
     def forgetting(self) -> float:
         return float(forgetting(torch.tensor(self.matrix)))
-
-
-class TrainableCount(Callback):
-    """The number of parameters that require gradients once training starts (after every callback's setup)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.count = max(self.count, sum(p.numel() for p in pl_module.parameters() if p.requires_grad))
 
 
 # ---------------------------------------------------------------------------------------------- the methods
