@@ -3,6 +3,7 @@
     python benchmarks/studies/causal_lm.py   # every method in bf16-mixed, each one alone in 32-true (over an hour)
     python benchmarks/studies/causal_lm.py --methods lora lora+replay --precisions bf16-mixed \\
         --train-per-task 16 --test-per-task 8 --results /tmp/look.md     # a quick look
+    python benchmarks/studies/causal_lm.py --probe-control   # the probe's control: a learning rate that moves it
 
 The tasks are :func:`lightning_incremental.scenarios.instructions.instruction_stream`'s: which topic a 20 Newsgroups
 post is about (twice, 4 newsgroups each), the largest of four numbers, the first of four words in alphabetical
@@ -65,7 +66,7 @@ from lightning_incremental.scenarios import TaskStream
 from lightning_incremental.scenarios.instructions import TASK_NAMES, capital_probe, general_text, instruction_stream
 from lightning_incremental.text import load_causal_lm
 
-FULL_LR, ADAPTER_LR = 5e-5, 2e-3
+FULL_LR, ADAPTER_LR, CONTROL_LR = 5e-5, 2e-3, 5e-4
 LORA_TARGETS, LORA_RANK = ["q_proj", "v_proj"], 8
 BUFFER, GENERAL_ROWS = 64, 64
 # under 32-true, which costs about 1.5x the time of bf16-mixed: naive fine-tuning and every method on its own
@@ -73,6 +74,9 @@ FULL_PRECISION_METHODS = [
     "naive", "lora", "lora_per_task", "lora+replay", "lora+ewc", "lora+si", "lora+mas", "lora+lwf", "lora+der",
     "lora+derpp", "lora+agem",
 ]  # fmt: skip
+
+
+HEADING = "Causal language model: SmolLM2-135M-Instruct on four instruction tasks"
 
 
 class InstructionTuned(L.LightningModule):
@@ -157,6 +161,38 @@ def methods() -> dict[str, Method]:
         Method("lora+lwf (full logits)", ADAPTER_LR, lambda general: [lora(), LwF(temperature=2.0, top_k=None)]),
     ]
     return {method.name: method for method in table}
+
+
+def control_methods() -> dict[str, Method]:
+    """``--probe-control``: full fine-tuning at 10x the table's learning rate (does the probe move at all?), alone
+    and with each way of keeping the base model."""
+    table = [
+        Method(f"naive, lr {CONTROL_LR:g}", CONTROL_LR, lambda general: []),
+        Method(f"naive, lr {CONTROL_LR:g} + general text", CONTROL_LR, lambda general: [general_replay(general)]),
+        Method(
+            f"naive, lr {CONTROL_LR:g} + LwF(teacher='base')",
+            CONTROL_LR,
+            lambda general: [LwF(temperature=2.0, teacher="base")],
+        ),
+    ]
+    return {method.name: method for method in table}
+
+
+def control_report(runs: list[Run], base_probe: float) -> list[str]:
+    lines = [
+        f"The control for the probe: the same tasks, sizes and seed as the section above, under bf16-mixed, with full "
+        f"fine-tuning at {CONTROL_LR:g} (10x the table's) alone and with each way of keeping the base model. "
+        f"The pretrained model's probe score: {base_probe:.3f}.",
+        "",
+        "| method | avg acc | forgetting | probe | × base probe | wall s (all updates) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        lines.append(
+            f"| {run.method.name} | {run.acc:.3f} | {run.forgetting:.3f} | {run.probe:.3f} | "
+            f"{run.probe / base_probe:.2f} | {sum(run.update_seconds):.1f} |"
+        )
+    return lines
 
 
 def derpp_full() -> DER:
@@ -361,6 +397,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--methods-32", nargs="+", default=FULL_PRECISION_METHODS, help="under 32-true (slower); default: %(default)s"
     )
+    parser.add_argument(
+        "--probe-control",
+        action="store_true",
+        help="instead of the table: full fine-tuning at 10x the learning rate, alone and with general text or LwF "
+        "toward the base model (its own section)",
+    )
     add_results_argument(parser)
     return parser.parse_args()
 
@@ -387,6 +429,10 @@ def main() -> None:
         accuracy(pretrained, probe, args.pad_id, "32-true", args.eval_batch_size),
     )
     print(f"pretrained: tasks {fmt(base_row[0])}, probe {base_row[1]:.3f}", flush=True)
+    if args.probe_control:
+        runs = [run_incremental(method, "bf16-mixed", stream, loaded, args) for method in control_methods().values()]
+        publish(args.results, f"{HEADING}: the probe's control", control_report(runs, base_row[1]))
+        return
     runs, joints, failures = [], {}, []
     for precision in args.precisions:
         for name in chosen[precision]:
@@ -396,8 +442,7 @@ def main() -> None:
                 failures.append(f"- {name} under {precision} failed: {type(error).__name__}: {error}")
                 print(failures[-1], flush=True)
         joints[precision] = run_joint(precision, stream, loaded, args, evaluate=True)
-    heading = "Causal language model: SmolLM2-135M-Instruct on four instruction tasks"
-    publish(args.results, heading, report(runs, joints, base_row, args) + (["", *failures] if failures else []))
+    publish(args.results, HEADING, report(runs, joints, base_row, args) + (["", *failures] if failures else []))
 
 
 if __name__ == "__main__":
