@@ -65,6 +65,18 @@ class TrainableCount(Callback):
         self.count = max(self.count, sum(p.numel() for p in pl_module.parameters() if p.requires_grad))
 
 
+def retraining_rows(retrain_seconds: list[float]) -> list[str]:
+    """The head of a table of each update's cost against retraining on tasks ``0..t``: the columns, the retraining
+    times and the target ratio ``1/(t+1)``; a row per method follows."""
+    tasks = range(len(retrain_seconds))
+    return [
+        "| method | " + " | ".join(f"task {t}" for t in tasks) + " |",
+        "|---|" + "---|" * len(retrain_seconds),
+        "| retrain on 0..t (s) | " + " | ".join(f"{s:.1f}" for s in retrain_seconds) + " |",
+        "| target ratio 1/(t+1) | " + " | ".join(f"{1 / (t + 1):.3f}" for t in tasks) + " |",
+    ]
+
+
 @dataclass
 class Workload:
     """A model and two tasks of random data of the given input shape."""

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # benchmarks/: the harness a
 
 import lightning as L
 import torch
-from harness import QUIET, TrainableCount, quiet_lightning
+from harness import QUIET, TrainableCount, quiet_lightning, retraining_rows
 from lightning.pytorch import Callback
 from sections import add_results_argument, publish
 from torch import nn
@@ -323,10 +323,7 @@ def report(runs: list[Run], joints: dict[str, Run], base_row: tuple[list[float],
             "Each update (wall s) and its ratio to retraining on tasks 0..t (the target for the adapter methods "
             "without replay: <= 1/(t+1)):",
             "",
-            "| method | " + " | ".join(f"task {t}" for t in tasks) + " |",
-            "|---|" + "---|" * len(TASK_NAMES),
-            "| retrain on 0..t (s) | " + " | ".join(f"{s:.1f}" for s in joint.update_seconds) + " |",
-            "| target ratio 1/(t+1) | " + " | ".join(f"{1 / (t + 1):.3f}" for t in tasks) + " |",
+            *retraining_rows(joint.update_seconds),
         ]
         for run in rows:
             cells = [

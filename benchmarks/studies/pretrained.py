@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # benchmarks/: the harness a
 
 import lightning as L
 import torch
-from harness import QUIET, TrainableCount, quiet_lightning
+from harness import QUIET, TrainableCount, quiet_lightning, retraining_rows
 from lightning.pytorch import Callback
 from sections import add_results_argument, publish
 from torch import nn
@@ -292,10 +292,7 @@ def report(runs: list[Run], joint: Run, stream: TaskStream, args: argparse.Names
         "other processes on the machine disturb less. The target for the adapter and closed-form methods is a "
         "ratio <= 1/(t+1).",
         "",
-        "| method | " + " | ".join(f"task {t}" for t in tasks) + " |",
-        "|---|" + "---|" * len(stream),
-        "| retrain on 0..t (s) | " + " | ".join(f"{s:.1f}" for s in joint.update_seconds) + " |",
-        "| target ratio 1/(t+1) | " + " | ".join(f"{1 / (t + 1):.3f}" for t in tasks) + " |",
+        *retraining_rows(joint.update_seconds),
     ]
     for run in runs:
         cells = [

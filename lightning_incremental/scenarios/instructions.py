@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from lightning_incremental.generative import candidate_item, instruction_item
 from lightning_incremental.scenarios.newsgroups import load_newsgroups
 from lightning_incremental.scenarios.stream import Task, TaskStream
 
@@ -183,14 +184,10 @@ class _Encoder:
         return self.ids(self.template.format(question=question))
 
     def training_item(self, question: Question) -> dict[str, list[int]]:
-        from lightning_incremental.generative import instruction_item
-
         answer = [*self.ids(question.candidates[question.answer]), self.tokenizer.eos_token_id]
         return instruction_item(self.prompt(question.text), answer)
 
     def test_item(self, question: Question) -> dict[str, Any]:
-        from lightning_incremental.generative import candidate_item
-
         candidates = [self.ids(candidate) for candidate in question.candidates]
         return candidate_item(self.prompt(question.text), candidates, question.answer)
 
