@@ -157,6 +157,17 @@ def test_token_level_terms_cover_the_positions_that_score_answer_tokens():
     assert interface.answer_positions(model, logits, unlabelled).tolist() == batch["attention_mask"].bool().tolist()
 
 
+def test_mas_measures_the_output_norm_at_the_answer_positions_only():
+    # the prompt and the padding do not make a parameter important: only the logits that score answer tokens
+    model, mas, interface = CausalLM(), MAS(), ModelInterface()
+    batch = collate([([1, 2, 11, 12], [30, 3]), ([1, 2, 13], [31, 3])])
+    logits = torch.randn(2, 6, VOCAB)
+    answers = interface.answer_positions(model, logits, batch)
+    expected = (logits.square().sum(-1) * answers).sum(-1)
+    torch.testing.assert_close(mas.per_sample_loss(interface, model, logits, batch), expected)
+    assert answers.sum().item() == 4  # of 11 real positions and 12 in all
+
+
 def test_der_keeps_each_token_s_largest_logits_within_the_memory_bound():
     model, der = CausalLM(), DER(stored_logits=8)
     for task in range(2):

@@ -67,7 +67,9 @@ class SampledImportance(QuadraticPenalty):
         self._recent: deque[Any] = deque()
         self._checked_task: int | None = None
 
-    def per_sample_loss(self, interface: ModelInterface, logits: Tensor, batch: Any) -> Tensor:
+    def per_sample_loss(
+        self, interface: ModelInterface, pl_module: LightningModule, logits: Tensor, batch: Any
+    ) -> Tensor:
         """The per-sample loss whose gradient magnitudes make the importance."""
         raise NotImplementedError
 
@@ -78,7 +80,7 @@ class SampledImportance(QuadraticPenalty):
             interface = interface_of(pl_module, self.model_interface)
             rows = index_batch(batch, slice(0, 2))
             with torch.no_grad(), private_pass(pl_module), trainer.precision_plugin.forward_context():
-                self.per_sample_loss(interface, interface.predict(pl_module, rows), rows)
+                self.per_sample_loss(interface, pl_module, interface.predict(pl_module, rows), rows)
             self._checked_task = self.current_task
         if self.consolidate_every_n_steps is None:
             return
@@ -114,7 +116,7 @@ class SampledImportance(QuadraticPenalty):
             sums, count = per_sample_grad_sums(
                 pl_module,
                 batches,
-                lambda logits, batch: self.per_sample_loss(interface, logits, batch),
+                lambda logits, batch: self.per_sample_loss(interface, pl_module, logits, batch),
                 interface.predict,
                 reduction=self.reduction,
                 params=params,

@@ -102,7 +102,9 @@ class EWC(SampledImportance):
         self._keeps_task_fisher = False  # a consumer (WeightMerging(mode="fisher")) asked for each task's Fisher
 
     @override
-    def per_sample_loss(self, interface: ModelInterface, logits: Tensor, batch: Any) -> Tensor:
+    def per_sample_loss(
+        self, interface: ModelInterface, pl_module: LightningModule, logits: Tensor, batch: Any
+    ) -> Tensor:
         if self.fisher == "empirical":
             return interface.per_sample_loss(logits, batch)
         return _true_fisher_columns(logits.float(), interface.likelihood_of(logits, interface.targets(batch)))

@@ -74,8 +74,13 @@ class MAS(SampledImportance):
         self.alpha = float(alpha)
 
     @override
-    def per_sample_loss(self, interface: ModelInterface, logits: Tensor, batch: Any) -> Tensor:
-        return logits.float().flatten(1).square().sum(-1)
+    def per_sample_loss(
+        self, interface: ModelInterface, pl_module: LightningModule, logits: Tensor, batch: Any
+    ) -> Tensor:
+        outputs = logits.float()
+        if outputs.ndim == 3:  # token-level outputs: only the positions that carry a label (a causal LM's answer)
+            outputs = outputs * interface.answer_positions(pl_module, outputs, batch).unsqueeze(-1)
+        return outputs.flatten(1).square().sum(-1)
 
     @override
     def consolidate(self, trainer: Trainer, pl_module: LightningModule) -> None:
