@@ -4,6 +4,7 @@
     python benchmarks/studies/causal_lm.py --methods lora lora+replay --precisions bf16-mixed \\
         --train-per-task 16 --test-per-task 8 --results /tmp/look.md     # a quick look
     python benchmarks/studies/causal_lm.py --probe-control   # the probe's control: a learning rate that moves it
+    python benchmarks/studies/causal_lm.py --seeds 0 1 2     # the best method, naive and LoRA beside joint, 3 seeds
 
 The tasks are :func:`lightning_incremental.scenarios.instructions.instruction_stream`'s: which topic a 20 Newsgroups
 post is about (twice, 4 newsgroups each), the largest of four numbers, the first of four words in alphabetical
@@ -16,7 +17,8 @@ The model is the user's own LightningModule (:class:`InstructionTuned`): ``train
 ``self.model(**batch).loss``, batches padded per batch with the loss on the answer only. Every method starts from the
 same pretrained weights and trains ``--epochs`` epoch(s) per task with AdamW, batch ``--batch-size``.
 
-Reported per method and precision: each task's accuracy after the last task, the average, forgetting (each task's
+Reported per method and precision: each task's accuracy after the last task, the average, the average right after
+each task's own training (the average without forgetting: what the method learns), forgetting (each task's
 accuracy right after its own training minus its final accuracy, averaged over the first three), the probe's score
 after the last task, trainable parameters, the wall time of the updates (every task's ``trainable.fit``, task-end
 work included, evaluation not), and each update's wall time against retraining on tasks ``0..t`` (full fine-tuning
@@ -32,6 +34,7 @@ import contextlib
 import copy
 import math
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -68,12 +71,15 @@ from lightning_incremental.text import load_causal_lm
 
 FULL_LR, ADAPTER_LR, CONTROL_LR = 5e-5, 2e-3, 5e-4
 LORA_TARGETS, LORA_RANK = ["q_proj", "v_proj"], 8
+LORA_ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # every projection
 BUFFER, GENERAL_ROWS = 64, 64
 # under 32-true, which costs about 1.5x the time of bf16-mixed: naive fine-tuning and every method on its own
 FULL_PRECISION_METHODS = [
     "naive", "lora", "lora_per_task", "lora+replay", "lora+ewc", "lora+si", "lora+mas", "lora+lwf", "lora+der",
-    "lora+derpp", "lora+agem",
+    "lora+derpp", "lora+agem", "lora_all+replay",
 ]  # fmt: skip
+# --seeds: the best method, the two naive ones beside it, and joint
+SEED_METHODS = ["naive", "lora", "lora_all+replay"]
 
 
 HEADING = "Causal language model: SmolLM2-135M-Instruct on four instruction tasks"
@@ -119,13 +125,18 @@ class Run:
         return sum(self.final) / len(self.final)
 
     @property
+    def learned(self) -> float:
+        """The average of each task's accuracy right after its own training: the average with no forgetting."""
+        return sum(self.just_trained) / len(self.just_trained)
+
+    @property
     def forgetting(self) -> float:
         earlier = range(len(self.final) - 1)
         return sum(self.just_trained[t] - self.final[t] for t in earlier) / len(earlier)
 
 
-def lora(mode: str = "merge") -> LoRA:
-    return LoRA(target_modules=LORA_TARGETS, rank=LORA_RANK, alpha=2.0 * LORA_RANK, mode=mode)
+def lora(mode: str = "merge", targets: list[str] = LORA_TARGETS) -> LoRA:
+    return LoRA(target_modules=targets, rank=LORA_RANK, alpha=2.0 * LORA_RANK, mode=mode)
 
 
 def general_replay(general: list[dict]) -> ExperienceReplay:
@@ -145,9 +156,13 @@ def methods() -> dict[str, Method]:
         Method("lora+ewc", ADAPTER_LR, lambda general: [lora(), EWC()], cheap=True),
         Method("lora+si", ADAPTER_LR, lambda general: [lora(), SI()], cheap=True),
         Method("lora+mas", ADAPTER_LR, lambda general: [lora(), MAS()], cheap=True),
+        # the output norm over a 49,152-word vocabulary: an importance far larger than a classifier's
+        Method("lora+mas (lambda 1e-6)", ADAPTER_LR, lambda general: [lora(), MAS(lambda_=1e-6)], cheap=True),
         Method("lora+lwf", ADAPTER_LR, lambda general: [lora(), LwF(temperature=2.0)]),
         Method("lora+der", ADAPTER_LR, lambda general: [lora(), DER(BUFFER)]),
         Method("lora+derpp", ADAPTER_LR, lambda general: [lora(), DER(BUFFER, alpha=0.3, beta=1.0)]),
+        # the logits of the model at the task's end, not those of its first steps on the task
+        Method("lora+der (task_end)", ADAPTER_LR, lambda general: [lora(), DER(BUFFER, fill="task_end")]),
         Method("lora+agem", ADAPTER_LR, lambda general: [lora(), AGEM(BUFFER)]),
         Method("lora+lwf_base", ADAPTER_LR, lambda general: [lora(), LwF(temperature=2.0, teacher="base")]),
         Method("lora+general", ADAPTER_LR, lambda general: [lora(), general_replay(general)]),
@@ -155,6 +170,13 @@ def methods() -> dict[str, Method]:
             "lora+replay+general",
             ADAPTER_LR,
             lambda general: [lora(), ExperienceReplay(BUFFER, ratio=1.0), general_replay(general)],
+        ),
+        # adapters on every linear projection of the blocks: as plastic as full fine-tuning, at an adapter's cost
+        Method("lora_all", ADAPTER_LR, lambda general: [lora(targets=LORA_ALL_TARGETS)], cheap=True),
+        Method(
+            "lora_all+replay",
+            ADAPTER_LR,
+            lambda general: [lora(targets=LORA_ALL_TARGETS), ExperienceReplay(BUFFER, ratio=1.0)],
         ),
         # the accuracy cost of the bounded old outputs: the same methods over the whole vocabulary
         Method("lora+derpp (full logits)", ADAPTER_LR, lambda general: [lora(), derpp_full()]),
@@ -193,6 +215,47 @@ def control_report(runs: list[Run], base_probe: float) -> list[str]:
             f"{run.probe / base_probe:.2f} | {sum(run.update_seconds):.1f} |"
         )
     return lines
+
+
+def seeds_report(by_seed: dict[int, list[Run]], base_probe: float) -> list[str]:
+    """Mean and standard deviation over the seeds of each method's average accuracy, its share of joint's (the same
+    seed's), forgetting and probe."""
+    seeds = list(by_seed)
+    lines = [
+        f"The same tasks and sizes as the table above, under bf16-mixed, for the seeds {seeds} (each seed draws its "
+        "own questions, training order and initial adapters); mean ± standard deviation over the seeds. "
+        f"The pretrained model's probe score: {base_probe:.3f}.",
+        "",
+        "| method | avg acc | × joint | avg right after its training | forgetting | probe | × base probe "
+        "| wall s (all updates) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in range(len(by_seed[seeds[0]])):
+        runs = [by_seed[seed][row] for seed in seeds]
+        joints = [by_seed[seed][-1] for seed in seeds]
+        columns = [
+            [run.acc for run in runs],
+            [run.acc / joint.acc for run, joint in zip(runs, joints, strict=True)],
+            [run.learned for run in runs],
+            [run.forgetting for run in runs],
+            [run.probe for run in runs],
+            [run.probe / base_probe for run in runs],
+            [sum(run.update_seconds) for run in runs],
+        ]
+        cells = [f"{statistics.mean(values):.3f} ± {spread(values):.3f}" for values in columns[:-1]]
+        cells.append(f"{statistics.mean(columns[-1]):.1f} ± {spread(columns[-1]):.1f}")
+        lines.append(f"| {runs[0].method.name} | " + " | ".join(cells) + " |")
+    lines += ["", "Per seed, avg acc (× joint):", ""]
+    for seed, runs in by_seed.items():
+        joint = runs[-1]
+        shares = ", ".join(f"{run.method.name} {run.acc:.3f} ({run.acc / joint.acc:.2f})" for run in runs)
+        lines.append(f"- seed {seed}: {shares}.")
+    return lines
+
+
+def spread(values: list[float]) -> float:
+    """The sample standard deviation, 0 for one seed."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def derpp_full() -> DER:
@@ -292,10 +355,13 @@ def report(runs: list[Run], joints: dict[str, Run], base_row: tuple[list[float],
         f"(`instruction_stream`): {args.train_per_task} training and {args.test_per_task} test questions each, posts "
         f"cut to {args.post_words} words, 4 candidate answers scored by likelihood. Probe: capitals of 32 countries "
         f"(4 candidates). AdamW, batch {args.batch_size}, {args.epochs} epoch(s) per task, learning rate "
-        f"{FULL_LR:g} for full fine-tuning and {ADAPTER_LR:g} for LoRA (rank {LORA_RANK}, alpha {2 * LORA_RANK}, "
-        f"{' and '.join(LORA_TARGETS)}). Replay buffers hold {BUFFER} rows; general text: {GENERAL_ROWS} newsgroups "
-        f"posts outside the tasks, 2 rows in each batch of 8. LwF: temperature 2. Seed {args.seed}. Wall time: every "
-        "task's `trainer.fit` (evaluation excluded).",
+        f"{FULL_LR:g} for full fine-tuning and {ADAPTER_LR:g} for LoRA (rank {LORA_RANK}, alpha {2 * LORA_RANK}, on "
+        f"{' and '.join(LORA_TARGETS)}; `lora_all`: on every projection, {', '.join(LORA_ALL_TARGETS)}). Replay "
+        f"buffers hold {BUFFER} rows; general text: {GENERAL_ROWS} newsgroups posts outside the tasks, 2 rows in each "
+        f"batch of 8. LwF: temperature 2. Seed {args.seed}. Wall time: every task's `trainer.fit` (evaluation "
+        "excluded). *Avg right after its training*: the average of each task's accuracy measured right after its own "
+        "training, what the average would be with no forgetting, so how much of the tasks the method learns; the "
+        "gap to *avg acc* is what it forgot.",
         "",
         f"The pretrained model before any task: tasks {fmt(base_tasks)}, average {sum(base_tasks) / 4:.3f}; probe "
         f"{base_probe:.3f}.",
@@ -307,15 +373,16 @@ def report(runs: list[Run], joints: dict[str, Run], base_row: tuple[list[float],
             "",
             f"### {precision}",
             "",
-            "| method | " + " | ".join(TASK_NAMES) + " | avg acc | × joint | forgetting | probe | × base probe "
-            "| trainable params | wall s (all updates) |",
-            "|---|" + "---|" * (len(TASK_NAMES) + 7),
+            "| method | " + " | ".join(TASK_NAMES) + " | avg acc | × joint | avg right after its training "
+            "| forgetting | probe | × base probe | trainable params | wall s (all updates) |",
+            "|---|" + "---|" * (len(TASK_NAMES) + 8),
         ]
         for run in [*rows, joint]:
             share = run.acc / joint.acc if joint.acc > 0 else math.nan
             lines.append(
                 f"| {run.method.name} | " + " | ".join(f"{a:.3f}" for a in run.final) + f" | {run.acc:.3f} | "
-                f"{share:.2f} | {run.forgetting:.3f} | {run.probe:.3f} | {run.probe / base_probe:.2f} | "
+                f"{share:.2f} | {run.learned:.3f} | {run.forgetting:.3f} | {run.probe:.3f} | "
+                f"{run.probe / base_probe:.2f} | "
                 f"{run.trainable:,} | {sum(run.update_seconds):.1f} |"
             )
         lines += [
@@ -395,6 +462,15 @@ def parse_args() -> argparse.Namespace:
         "--methods-32", nargs="+", default=FULL_PRECISION_METHODS, help="under 32-true (slower); default: %(default)s"
     )
     parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="instead of the table: the --methods (default: "
+        f"{' '.join(SEED_METHODS)}) and joint under bf16-mixed for each of these seeds, mean and spread (their own "
+        "section)",
+    )
+    parser.add_argument(
         "--probe-control",
         action="store_true",
         help="instead of the table: full fine-tuning at 10x the learning rate, alone and with general text or LwF "
@@ -409,17 +485,28 @@ def main() -> None:
     quiet_lightning()
     torch.set_num_threads(args.threads)
     table = methods()
-    chosen = {"bf16-mixed": args.methods or list(table), "32-true": args.methods_32}
+    chosen = {"bf16-mixed": args.methods or (SEED_METHODS if args.seeds else list(table)), "32-true": args.methods_32}
     unknown = sorted({name for names in chosen.values() for name in names} - set(table))
     if unknown:
         raise SystemExit(f"unknown --methods {unknown}; choose from {list(table)}")
     base, tokenizer = load_causal_lm()
     args.pad_id = tokenizer.pad_token_id
     args.collate = lambda items: collate_instructions(items, args.pad_id)
-    stream = instruction_stream(tokenizer, args.train_per_task, args.test_per_task, args.post_words, seed=args.seed)
     probe = capital_probe(tokenizer)
-    general = general_text(tokenizer, n=GENERAL_ROWS)
-    loaded = (base, general, probe)
+    loaded = (base, general_text(tokenizer, n=GENERAL_ROWS), probe)
+    if args.seeds:
+        by_seed = {}
+        for seed in args.seeds:
+            args.seed = seed
+            stream = instruction_stream(
+                tokenizer, args.train_per_task, args.test_per_task, args.post_words, seed=args.seed
+            )
+            runs = [run_incremental(table[name], "bf16-mixed", stream, loaded, args) for name in chosen["bf16-mixed"]]
+            by_seed[args.seed] = [*runs, run_joint("bf16-mixed", stream, loaded, args, evaluate=True)]
+        base_probe = accuracy(InstructionTuned(base, FULL_LR), probe, args.pad_id, "32-true", args.eval_batch_size)
+        publish(args.results, f"{HEADING}: seeds", seeds_report(by_seed, base_probe))
+        return
+    stream = instruction_stream(tokenizer, args.train_per_task, args.test_per_task, args.post_words, seed=args.seed)
     pretrained = InstructionTuned(base, FULL_LR)
     base_row = (
         [accuracy(pretrained, task.test, args.pad_id, "32-true", args.eval_batch_size) for task in stream],
