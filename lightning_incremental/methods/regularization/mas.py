@@ -28,6 +28,11 @@ class MAS(SampledImportance):
     Fashion-MNIST; the numbers are in ``benchmarks/RESULTS.md`` ("Defaults across datasets"). The importance is
     in units of the squared outputs, much larger than a Fisher: MAS's lambda is correspondingly small.
 
+    On a causal LM the output is the logits at the answer positions only (the prompt and the padding carry no
+    label, see :meth:`~lightning_incremental.ModelInterface.answer_positions`), over the whole vocabulary: the
+    importance is larger again by orders of magnitude, and ``lambda_`` must shrink with it. ``benchmarks/RESULTS.md``
+    ("Causal language model") measures the default against ``lambda_=1e-6`` beside LoRA.
+
     Args:
         lambda_: penalty strength (>= 0).
         alpha: weight of the old importance when merging, in [0, 1].

@@ -34,6 +34,9 @@ class DER(ReplayMethod):
 
     The defaults, the sweep that chose them (``benchmarks/sweeps/sweep_replay.py``) and the setting for
     domain-incremental streams (``policy="class_balanced", fill="task_end"``) are in ``benchmarks/RESULTS.md``.
+    On a causal LM fine-tuned for a few steps per task, the logits of a row's own step are those of a model that
+    has not yet learnt the task; ``fill="task_end"`` stores the task-end model's instead (RESULTS.md, "Causal
+    language model", compares the two).
 
     Args:
         buffer_size: rows the buffer holds (over all DDP ranks).
